@@ -1,0 +1,39 @@
+# distft developer commands. `make demo` and `make test` work on a fresh machine:
+# they create .venv (CPU torch pinned when no NVIDIA GPU is present) if it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DISTFT := $(VENV)/bin/distft
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install -q -e '.[dev]'; \
+	else \
+		$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'; \
+	fi
+	touch $@
+
+demo: venv
+	$(DISTFT) make-tiny .cache/tiny
+	rm -rf runs/tiny_demo
+	$(DISTFT) train examples/tiny_demo.yaml
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check distft tests bench
+	$(VENV)/bin/ruff format --check distft tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf runs .cache/tiny

@@ -1,0 +1,3 @@
+"""distft: distributed fine-tuning of causal LMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""The `distft` command. Bad input prints one line per problem and exits 2; a failed
+training run exits 1 with the worker's error."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from distft import config as config_mod
+from distft.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+CONFIG_ARG = typer.Argument(..., help="Run config (YAML).", show_default=False)
+OVERRIDES_ARG = typer.Argument(None, help="Overrides: section.key=value ...")
+
+
+def _fail(lines: list[str], code: int) -> NoReturn:
+    for line in lines:
+        err.print(f"error: {line}", markup=False)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str] | None) -> config_mod.Config:
+    try:
+        cfg = config_mod.resolve_paths(config_mod.load(config, overrides or []))
+        _check_data(cfg)
+        return cfg
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+
+
+def _check_data(cfg: config_mod.Config) -> None:
+    """Record-level problems are reported before any worker starts."""
+    from distft.data import read_conversations
+
+    for files in (cfg.data.train_files, cfg.data.eval_files):
+        if files:
+            read_conversations(files, cfg.data.format, cfg.data.on_bad_record)
+
+
+@app.command()
+def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
+    """Check a config (and that its files exist and parse) without training."""
+    cfg = _load(config, overrides)
+    out.print(
+        f"ok: {config} ({cfg.cluster.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, "
+        f"{'LoRA' if cfg.lora.enabled else 'full'}, {cfg.deepspeed.precision.value})"
+    )
+
+
+@app.command()
+def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
+    """Fine-tune: typed config -> Ray workers -> DeepSpeed -> checkpoints + final model."""
+    cfg = _load(config, overrides)
+    config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
+    from distft.launch.ray import TrainingFailed, launch
+
+    t0 = time.perf_counter()
+    try:
+        metrics = launch(cfg)
+    except TrainingFailed as e:
+        _fail([str(e)], EXIT_BAD_INPUT if e.user_error else EXIT_FAILED)
+    wall = time.perf_counter() - t0
+    before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss")
+    parts = [f"done in {wall:.0f}s", f"output: {cfg.output_dir}"]
+    if after is not None:
+        parts.insert(
+            1, f"eval loss {before:.4f} -> {after:.4f}" if before else f"eval loss {after:.4f}"
+        )
+    out.print("; ".join(parts))
+
+
+@app.command("make-tiny")
+def make_tiny(
+    root: Path = typer.Argument(..., help="Directory for the tiny model, tokenizer and data."),
+) -> None:
+    """Build the offline tiny Llama, tokenizer and synthetic dataset (demo and tests)."""
+    from distft.assets import build_tiny_assets
+
+    assets = build_tiny_assets(root)
+    out.print(f"tiny assets ready: model {assets.model_dir}, data {assets.train_file.parent}")
+
+
+def main() -> None:  # pragma: no cover - console script wrapper
+    app(prog_name="distft")
+    sys.exit(0)

@@ -1,0 +1,319 @@
+"""Typed, strict run configuration: YAML + dotted overrides -> validated `Config`.
+
+Every problem is reported as one line naming the key, the bad value and what is allowed
+(`ConfigError.problems`); unknown keys are rejected. Nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import copy
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from distft.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="Local directory or hub name of a causal LM.")
+    tokenizer: str | None = Field(None, description="Tokenizer path/name; default: the model's.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Load dtype; auto follows deepspeed.precision."
+    )
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    revision: str | None = None
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(min_length=1, description="JSON/JSONL files of records.")
+    eval_files: list[str] = Field(default_factory=list)
+    format: Literal["auto", "instruction", "chat"] = "auto"
+    max_seq_len: int = Field(1024, gt=8)
+    on_bad_record: Literal["error", "skip"] = "error"
+    shuffle: bool = True
+
+    @field_validator("train_files", "eval_files", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class OptimConfig(_Section):
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="null disables clipping.")
+
+
+class BatchConfig(_Section):
+    micro_batch_size: int = Field(1, gt=0, description="Sequences per worker per micro-step.")
+    grad_accum: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+
+
+class EvalConfig(_Section):
+    every_n_steps: int | None = Field(None, gt=0, description="null: only before/after.")
+    micro_batch_size: int = Field(4, gt=0)
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+    precision: Precision = Precision.bf16
+    ds_config: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed keys; override generated ones."
+    )
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="null: embedded local Ray; 'auto' or ray://.")
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    placement: Literal["pack", "spread"] = "pack"
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 = unlimited.")
+    dashboard_host: str = Field("127.0.0.1", description="Embedded Ray only.")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class CheckpointConfig(_Section):
+    output_dir: str
+    every_n_steps: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    save_final_model: bool = True
+
+
+class WandbConfig(_Section):
+    project: str = "distft"
+    entity: str | None = None
+    name: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online if an API key is set, else offline."
+    )
+    api_key: SecretStr | None = Field(None, description="Prefer env WANDB_API_KEY.")
+
+
+class LoggingConfig(_Section):
+    every_n_steps: int = Field(1, gt=0)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class Config(_Section):
+    seed: int = 42
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        ds = self.deepspeed
+        if ds.offload_param == "cpu" and ds.zero_stage != 3:
+            raise ValueError(
+                f"deepspeed.offload_param: 'cpu' needs deepspeed.zero_stage 3 (got {ds.zero_stage})"
+            )
+        if ds.offload_optimizer == "cpu" and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: 'cpu' needs deepspeed.zero_stage >= 1")
+        if ds.precision == Precision.fp16 and not self.cluster.use_gpu:
+            raise ValueError(
+                "deepspeed.precision: 'fp16' is not supported on CPU workers "
+                "(cluster.gpus_per_worker is 0); use 'bf16' or 'fp32'"
+            )
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.checkpoint.output_dir)
+
+    def redacted(self) -> dict[str, Any]:
+        """Plain dict for saving/logging; secrets replaced by '***'."""
+        data = self.model_dump(mode="json")
+        if self.logging.wandb.api_key is not None:
+            data["logging"]["wandb"]["api_key"] = "***"
+        return data
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars/lists."""
+    out = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override '{item}': expected key=value, e.g. optim.lr=1e-5")
+            continue
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"override '{item}': '{part}' is not a section")
+                break
+            node = child
+        else:
+            try:
+                node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            except yaml.YAMLError:
+                node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, err["loc"][:-1])
+        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"{loc}: unknown key{hint}"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:
+        return msg  # cross-section checks already name their keys
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_describe(err, Config) for err in e.errors()]) from None
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read YAML at `path`, apply overrides, validate. Raises ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"{p}: config file not found"])
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError([f"{where}: invalid YAML ({getattr(e, 'problem', e)})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{p}: expected a mapping of sections at the top level"])
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Check local inputs exist and make them absolute (workers run in other directories).
+
+    Hub names (`org/name`) are left to `from_pretrained`. Returns a new Config.
+    """
+    base = base or Path.cwd()
+    problems = []
+
+    def absolute(value: str) -> str:
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    data = cfg.data.model_copy()
+    for key in ("train_files", "eval_files"):
+        files = [absolute(f) for f in getattr(cfg.data, key)]
+        problems += [f"data.{key}: file not found: {f}" for f in files if not Path(f).is_file()]
+        setattr(data, key, files)
+    model = cfg.model.model_copy()
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(cfg.model, key)
+        if not value:
+            continue
+        if Path(absolute(value)).exists():
+            setattr(model, key, absolute(value))
+        elif _looks_local(value):
+            problems.append(f"model.{key}: directory not found: {value}")
+    if problems:
+        raise ConfigError(problems)
+    ckpt = cfg.checkpoint.model_copy(update={"output_dir": absolute(cfg.checkpoint.output_dir)})
+    return cfg.model_copy(update={"data": data, "model": model, "checkpoint": ckpt})
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") >= 2
+
+
+def save_resolved(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.redacted(), sort_keys=False))

@@ -1,0 +1,68 @@
+"""The only place that reads rank/world and initialises distributed communication."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if tdist.is_initialized():
+            tdist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """All-reduce (sum) a few scalars across ranks in one collective, in float64."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if tdist.is_initialized() and self.world_size > 1:
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank."""
+        return self.sum([1.0 if flag else 0.0])[0] > 0
+
+
+def init(use_gpu: bool) -> DistContext:
+    """Join the process group that Ray Train set up and hand it to DeepSpeed.
+
+    Ray Train's TorchTrainer has already called `init_process_group` (gloo on CPU, nccl on
+    GPU); DeepSpeed wraps that group instead of creating its own. The env vars are the
+    ones DeepSpeed and transformers read.
+    """
+    import deepspeed
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local_rank = ctx.get_local_rank()
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
+    )
+    if use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False, verbose=False
+    )
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)

@@ -1,0 +1,95 @@
+"""Ray launcher: embedded local Ray by default, or an existing cluster by address.
+
+Runs Ray Train's TorchTrainer with one worker per data-parallel rank; every worker runs
+`distft.worker.run_worker`. Worker failures come back as `TrainingFailed` with the
+worker's own error message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from distft.config import Config
+from distft.errors import UserError
+
+
+class TrainingFailed(Exception):
+    def __init__(self, message: str, user_error: bool):
+        super().__init__(message)
+        self.user_error = user_error
+
+
+def _worker_env() -> dict[str, str]:
+    """Env vars the workers need from the driver (never secrets)."""
+    keep = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env: dict[str, Any] = {"env_vars": _worker_env()}
+    if cfg.cluster.address is None:
+        ray.init(
+            include_dashboard=True,
+            dashboard_host=cfg.cluster.dashboard_host,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    else:
+        ray.init(address=cfg.cluster.address, runtime_env=runtime_env, logging_level="WARNING")
+
+
+def launch(cfg: Config) -> dict[str, Any]:
+    """Train on Ray; returns the metrics the rank-0 worker reported at the end."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distft.worker import run_worker
+
+    init_ray(cfg)
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker}
+    if c.use_gpu:
+        resources["GPU"] = c.gpus_per_worker
+    trainer = TorchTrainer(
+        run_worker,
+        train_loop_config={"config": cfg},
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=c.num_workers,
+            use_gpu=c.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy="PACK" if c.placement == "pack" else "SPREAD",
+        ),
+        run_config=ray.train.RunConfig(
+            name="distft",
+            storage_path=str(Path(cfg.checkpoint.output_dir).resolve() / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _explain(e) from None
+    return dict(result.metrics or {})
+
+
+def _explain(err: Exception) -> TrainingFailed:
+    """The first worker's error, as one line when it is a user error."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        exc = failures[rank]
+        cause = getattr(exc, "cause", None) or exc
+        if isinstance(cause, UserError):
+            return TrainingFailed(str(cause).splitlines()[0], user_error=True)
+        return TrainingFailed(f"worker {rank} failed: {type(cause).__name__}: {cause}", False)
+    return TrainingFailed(str(err), user_error=False)

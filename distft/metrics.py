@@ -1,0 +1,119 @@
+"""Metrics: one logger interface. Rank 0 writes JSONL (always) and W&B (when enabled);
+every other rank gets a no-op. The W&B API key is never printed or written to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from distft.config import Config
+from distft.dist import DistContext
+
+
+class MetricsLogger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlLogger:
+    """Appends `{"step": ..., "time": ..., **metrics}` lines; flushed on every write."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class WandbLogger:
+    def __init__(self, cfg: Config, run_id: str, mode: str):
+        import wandb
+
+        w = cfg.logging.wandb
+        self._run = wandb.init(
+            project=w.project,
+            entity=w.entity,
+            name=w.name,
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(cfg.output_dir),
+            config=cfg.redacted(),
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class FanOut:
+    def __init__(self, loggers: list[MetricsLogger]):
+        self._loggers = loggers
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for lg in self._loggers:
+            lg.log(metrics, step)
+
+    def close(self) -> None:
+        for lg in self._loggers:
+            lg.close()
+
+
+def wandb_mode(cfg: Config) -> str:
+    """'online' only when an API key is configured; never prompt for one."""
+    mode = cfg.logging.wandb.mode
+    if mode != "auto":
+        return mode
+    has_key = cfg.logging.wandb.api_key is not None or bool(os.environ.get("WANDB_API_KEY"))
+    return "online" if has_key else "offline"
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """The run's W&B id, created once and kept in the output dir so a resume continues it."""
+    path = output_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id)
+    return run_id
+
+
+def make_logger(cfg: Config, dist: DistContext) -> MetricsLogger:
+    if not dist.is_main:
+        return NullLogger()
+    loggers: list[MetricsLogger] = [JsonlLogger(cfg.output_dir / "metrics.jsonl")]
+    mode = wandb_mode(cfg)
+    if mode != "disabled":
+        key = cfg.logging.wandb.api_key
+        if key is not None:
+            os.environ["WANDB_API_KEY"] = key.get_secret_value()  # this process only
+        loggers.append(WandbLogger(cfg, wandb_run_id(cfg.output_dir), mode))
+    return FanOut(loggers)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
