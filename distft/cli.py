@@ -68,17 +68,25 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
 
     t0 = time.perf_counter()
     try:
-        metrics = launch(cfg)
+        launch(cfg)
     except TrainingFailed as e:
         _fail([str(e)], EXIT_BAD_INPUT if e.user_error else EXIT_FAILED)
-    wall = time.perf_counter() - t0
-    before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss")
-    parts = [f"done in {wall:.0f}s", f"output: {cfg.output_dir}"]
-    if after is not None:
-        parts.insert(
-            1, f"eval loss {before:.4f} -> {after:.4f}" if before else f"eval loss {after:.4f}"
-        )
-    out.print("; ".join(parts))
+    out.print(_summary(cfg, time.perf_counter() - t0), markup=False)
+
+
+def _summary(cfg: config_mod.Config, wall: float) -> str:
+    """One line from the run's metrics file (on shared storage for multi-node runs)."""
+    from distft.metrics import read_jsonl
+
+    rows = read_jsonl(cfg.output_dir / "metrics.jsonl")
+    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+    parts = [f"done in {wall:.0f}s"]
+    if len(evals) >= 2:
+        parts.append(f"eval loss {evals[0]:.4f} -> {evals[-1]:.4f}")
+    elif evals:
+        parts.append(f"eval loss {evals[-1]:.4f}")
+    parts.append(f"output: {cfg.output_dir}")
+    return "; ".join(parts)
 
 
 @app.command("make-tiny")

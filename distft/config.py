@@ -7,6 +7,7 @@ Every problem is reported as one line naming the key, the bad value and what is 
 from __future__ import annotations
 
 import copy
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,9 @@ class Precision(str, Enum):
 
 
 class ModelConfig(_Section):
-    name_or_path: str = Field(description="Local directory or hub name of a causal LM.")
+    name_or_path: str = Field(
+        min_length=1, description="Local directory or hub name of a causal LM."
+    )
     tokenizer: str | None = Field(None, description="Tokenizer path/name; default: the model's.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Load dtype; auto follows deepspeed.precision."
@@ -156,7 +159,7 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     model: ModelConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
@@ -170,18 +173,20 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        ds = self.deepspeed
+        ds, problems = self.deepspeed, []
         if ds.offload_param == "cpu" and ds.zero_stage != 3:
-            raise ValueError(
+            problems.append(
                 f"deepspeed.offload_param: 'cpu' needs deepspeed.zero_stage 3 (got {ds.zero_stage})"
             )
         if ds.offload_optimizer == "cpu" and ds.zero_stage == 0:
-            raise ValueError("deepspeed.offload_optimizer: 'cpu' needs deepspeed.zero_stage >= 1")
+            problems.append("deepspeed.offload_optimizer: 'cpu' needs deepspeed.zero_stage >= 1")
         if ds.precision == Precision.fp16 and not self.cluster.use_gpu:
-            raise ValueError(
+            problems.append(
                 "deepspeed.precision: 'fp16' is not supported on CPU workers "
                 "(cluster.gpus_per_worker is 0); use 'bf16' or 'fp32'"
             )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -197,6 +202,28 @@ class Config(_Section):
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` and `5e8` as floats (YAML 1.2), not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -220,7 +247,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         else:
             try:
-                node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+                node[parts[-1]] = _yaml(value) if value != "" else ""
             except yaml.YAMLError:
                 node[parts[-1]] = value
     if problems:
@@ -239,7 +266,7 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
         return f"{loc}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
     if not err["loc"]:
-        return msg  # cross-section checks already name their keys
+        return msg  # cross-section checks already name their keys (one per line)
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{loc}: {msg}{shown}"
@@ -259,7 +286,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_describe(err, Config) for err in e.errors()]) from None
+        lines = [line for err in e.errors() for line in _describe(err, Config).splitlines()]
+        raise ConfigError(lines) from None
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -268,7 +296,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not p.is_file():
         raise ConfigError([f"{p}: config file not found"])
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
@@ -307,7 +335,7 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     if problems:
         raise ConfigError(problems)
     ckpt = cfg.checkpoint.model_copy(update={"output_dir": absolute(cfg.checkpoint.output_dir)})
-    return cfg.model_copy(update={"data": data, "model": model, "checkpoint": ckpt})
+    return cfg.model_copy(update={"data": data, "model": model, "checkpoint": ckpt}, deep=True)
 
 
 def _looks_local(name: str) -> bool:

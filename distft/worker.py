@@ -83,10 +83,8 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     logger = make_logger(cfg, dist)
     say(f"[distft] ready in {time.perf_counter() - t_start:.1f}s; {batches.total_steps} steps")
 
-    summary: dict[str, float] = {}
     if evals and state.step == 0:
-        summary["eval/loss_before"] = evaluate(engine, evals, dist)
-        logger.log({"eval/loss": summary["eval/loss_before"]}, 0)
+        logger.log({"eval/loss": evaluate(engine, evals, dist)}, 0)
 
     def on_step_end(step: int) -> bool:
         state.step, state.samples_seen = step, step * batches.global_batch
@@ -95,19 +93,10 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             ckpts.save(engine, state)
         return False
 
-    summary |= train(cfg, dist, engine, batches, evals, logger, state.step, on_step_end)
+    train(cfg, dist, engine, batches, evals, logger, state.step, on_step_end)
     if evals:
-        summary["eval/loss"] = evaluate(engine, evals, dist)
-        logger.log({"eval/loss": summary["eval/loss"]}, state.step)
+        logger.log({"eval/loss": evaluate(engine, evals, dist)}, state.step)
     ckpts.save(engine, state)
     if cfg.checkpoint.save_final_model:
         save_final(engine, tokenizer, cfg.output_dir / "final", dist, lora=cfg.lora.enabled)
     logger.close()
-    _report(summary)
-
-
-def _report(summary: dict[str, float]) -> None:
-    """Hand the final metrics to the driver (Ray Train's result)."""
-    import ray.train
-
-    ray.train.report({k.replace("/", "_"): v for k, v in summary.items()})

@@ -37,7 +37,11 @@ class ReadReport:
 
 def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed JSON) for JSONL, or for each item of a JSON array."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
     stripped = text.lstrip()
     if path.suffix == ".json" and stripped.startswith("["):
         try:

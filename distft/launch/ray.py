@@ -48,8 +48,8 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.cluster.address, runtime_env=runtime_env, logging_level="WARNING")
 
 
-def launch(cfg: Config) -> dict[str, Any]:
-    """Train on Ray; returns the metrics the rank-0 worker reported at the end."""
+def launch(cfg: Config) -> None:
+    """Train on Ray; raises TrainingFailed with the worker's error."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -77,10 +77,9 @@ def launch(cfg: Config) -> dict[str, Any]:
         ),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise _explain(e) from None
-    return dict(result.metrics or {})
 
 
 def _explain(err: Exception) -> TrainingFailed:
