@@ -168,7 +168,7 @@ class CheckpointCoordinator:
             problem = self.verify(ckpt)
             if problem is None:
                 return ckpt
-            self._say(f"skipping checkpoint: {problem}")
+            self.dist.log(f"skipping checkpoint: {problem}")
         return None
 
     # -- save
@@ -235,7 +235,3 @@ class CheckpointCoordinator:
         rng_file = ckpt / f"rng_rank{self.dist.rank}.json"
         set_rng_state(json.loads(rng_file.read_text()), self.dist.device)
         return state
-
-    def _say(self, line: str) -> None:
-        if self.dist.is_main:
-            print(f"[distft] {line}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,13 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def log(self, message: str) -> None:
+        """One line on rank 0's stdout, nothing elsewhere. Written to the stream directly:
+        Ray Train's patched `print` would emit it twice when stdout is wrapped."""
+        if self.is_main:
+            sys.stdout.write(f"[distft] {message}\n")
+            sys.stdout.flush()
 
     def barrier(self) -> None:
         if tdist.is_initialized():

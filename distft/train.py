@@ -119,10 +119,8 @@ def _grad_norm(engine: Any) -> float:
 
 
 def _progress(dist: DistContext, total: int, every: int) -> Callable[[int, dict], None]:
-    """Rank 0 prints one progress line every `every` steps (readable in Ray, Slurm and CI
-    logs, where a redrawn bar is not); other ranks print nothing."""
-    if not dist.is_main:
-        return lambda step, metrics: None
+    """One progress line every `every` steps on rank 0 (readable in Ray, Slurm and CI
+    logs, where a redrawn bar is not)."""
     t0 = time.perf_counter()
     width = len(str(total))
 
@@ -133,11 +131,10 @@ def _progress(dist: DistContext, total: int, every: int) -> Callable[[int, dict]
         done = step / total
         eta = elapsed / max(done, 1e-9) * (1 - done) if step else 0.0
         extra = f" eval {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else ""
-        print(
-            f"[distft] step {step:>{width}}/{total} {100 * done:3.0f}% "
+        dist.log(
+            f"step {step:>{width}}/{total} {100 * done:3.0f}% "
             f"loss {metrics['train/loss']:.4f}{extra} lr {metrics['train/lr']:.2e} "
-            f"{metrics['train/tokens_per_s']:,.0f} tok/s eta {eta:.0f}s",
-            flush=True,
+            f"{metrics['train/tokens_per_s']:,.0f} tok/s eta {eta:.0f}s"
         )
 
     return update

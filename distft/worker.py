@@ -52,16 +52,15 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     cfg: Config = train_loop_config["config"]
     t_start = time.perf_counter()
     dist = distmod.init(cfg.cluster.use_gpu)
-    say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(cfg.seed)
 
     ds_config, overridden = build_ds_config(cfg, dist.world_size)
     if overridden:
-        say(f"[distft] deepspeed.ds_config overrides generated keys: {', '.join(overridden)}")
+        dist.log(f"deepspeed.ds_config overrides generated keys: {', '.join(overridden)}")
     tokenizer = load_tokenizer(cfg)
     train_ds = load_split(cfg, tokenizer, cfg.data.train_files)
     eval_ds = load_split(cfg, tokenizer, cfg.data.eval_files) if cfg.data.eval_files else None
-    say(f"[distft] train data: {train_ds.info.description}")
+    dist.log(f"train data: {train_ds.info.description}")
     batches = TrainBatches(train_ds, cfg, dist, tokenizer.pad_token_id)
     evals = (
         eval_batches(eval_ds, cfg.eval.micro_batch_size, dist, tokenizer.pad_token_id)
@@ -71,7 +70,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
 
     model = build_model(cfg, ds_config)
     trainable, total = count_params(model)
-    say(f"[distft] params: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+    dist.log(f"params: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
     engine = create_engine(model, cfg, ds_config, batches.total_steps)
 
     ckpts = CheckpointCoordinator(cfg.output_dir / "checkpoints", dist, cfg.checkpoint.keep_last)
@@ -79,9 +78,9 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     resume_from = ckpts.find_resume("auto")
     if resume_from is not None:
         state = ckpts.load(engine, resume_from)
-        say(f"[distft] resumed from {resume_from} at step {state.step}")
+        dist.log(f"resumed from {resume_from} at step {state.step}")
     logger = make_logger(cfg, dist)
-    say(f"[distft] ready in {time.perf_counter() - t_start:.1f}s; {batches.total_steps} steps")
+    dist.log(f"ready in {time.perf_counter() - t_start:.1f}s; {batches.total_steps} steps")
 
     if evals and state.step == 0:
         logger.log({"eval/loss": evaluate(engine, evals, dist)}, 0)
