@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -30,8 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 import xxhash
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from distft import __version__
+from distft import __version__, faults
+from distft.config import Config
 from distft.dist import DistContext
 from distft.errors import UserError
 
@@ -46,12 +49,26 @@ class CheckpointError(UserError):
 
 @dataclass
 class TrainState:
+    """Everything distft needs besides DeepSpeed's own state to continue exactly.
+
+    Checkpoints are taken at optimizer-step boundaries, so the gradient-accumulation
+    position is always 0 there; it is recorded to make that explicit.
+    """
+
     step: int = 0  # optimizer steps completed
+    epoch: int = 0
     samples_seen: int = 0  # global samples consumed: independent of the world size
     world_size: int = 1
+    micro_step_in_accum: int = 0
+    eval_loss: float | None = None  # latest eval loss at save time (for keep_best)
     wandb_run_id: str | None = None
     fingerprint: dict[str, str] = field(default_factory=dict)
     version: str = __version__
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 # ------------------------------------------------------------------------ small pieces
@@ -83,6 +100,61 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def hash_files(paths: list[Path]) -> str:
+    h = xxhash.xxh3_128()
+    for p in sorted(paths):
+        h.update(str(p.name).encode())
+        h.update(_hash_file(p).encode())
+    return h.hexdigest()
+
+
+def fingerprint(cfg: Config) -> dict[str, str]:
+    """Hashes of what shapes the training trajectory, by name. Logging, cluster layout,
+    checkpoint cadence and `batch.stop_after_steps` are left out on purpose."""
+    d = cfg.redacted()
+    batch = {k: v for k, v in d["batch"].items() if k != "stop_after_steps"}
+
+    def h(obj: Any) -> str:
+        return xxhash.xxh3_64_hexdigest(json.dumps(obj, sort_keys=True, default=str).encode())
+
+    out = {
+        "model": h(d["model"]),
+        "lora": h(d["lora"]),
+        "optim": h(d["optim"]),
+        "batch": h(batch),
+        "deepspeed": h(d["deepspeed"]),
+        "seed": h(d["seed"]),
+        "data_config": h(d["data"]),
+    }
+    files = [Path(f) for f in cfg.data.train_files + cfg.data.eval_files]
+    out["data_files"] = hash_files([f for f in files if f.is_file()])
+    tok_dir = Path(cfg.model.tokenizer or cfg.model.name_or_path)
+    if tok_dir.is_dir():
+        out["tokenizer"] = hash_files([p for p in tok_dir.glob("*token*") if p.is_file()])
+    return out
+
+
+def fingerprint_changes(saved: dict[str, str], current: dict[str, str]) -> list[str]:
+    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+
+
+class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`: nothing but
+    tensors, containers and DeepSpeed's two plain state classes is unpickled."""
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CheckpointError(f"{path}: refused to unpickle ({first})") from None
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -109,8 +181,9 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 class CheckpointCoordinator:
-    def __init__(self, root: Path, dist: DistContext, keep_last: int):
-        self.root, self.dist, self.keep_last = root, dist, keep_last
+    def __init__(self, root: Path, dist: DistContext, keep_last: int, keep_best: bool = False):
+        self.root, self.dist = root, dist
+        self.keep_last, self.keep_best = keep_last, keep_best
         self.partial = root / ".partial"
 
     # -- listing and verification
@@ -180,6 +253,7 @@ class CheckpointCoordinator:
             shutil.rmtree(staging)  # leftovers of a crashed save at this step
         self.dist.barrier()
         engine.save_checkpoint(str(self.partial), tag=tag, save_latest=False)
+        faults.maybe_crash("save", state.step, self.dist.rank)
         (staging / f"rng_rank{self.dist.rank}.json").write_text(
             json.dumps(rng_state(self.dist.device))
         )
@@ -211,19 +285,55 @@ class CheckpointCoordinator:
         return final
 
     def _retain(self) -> None:
-        for old in self.committed()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Runs only after a commit: the newest `keep_last` (which include the one just
+        committed) and, with keep_best, the lowest eval loss stay."""
+        committed = self.committed()
+        keep = set(committed[-self.keep_last :])
+        if self.keep_best:
+            scored = [(s, p) for p in committed if (s := _eval_loss(p)) is not None]
+            if scored:
+                keep.add(min(scored, key=lambda sp: sp[0])[1])
+        for old in committed:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     # -- load
+    def restore(self, engine: Any, cfg: Config, fresh: TrainState) -> TrainState:
+        """Resume per `checkpoint.resume`, or return `fresh` when there is nothing to
+        resume. Refuses a checkpoint whose fingerprint differs unless allowed."""
+        resume = cfg.checkpoint.resume
+        if resume == "never" and self.committed():
+            raise CheckpointError(
+                f"checkpoint.resume: 'never', but {self.root} already holds checkpoints; "
+                "use a new checkpoint.output_dir or resume: auto"
+            )
+        ckpt = self.find_resume(resume)
+        if ckpt is None:
+            return fresh
+        changed = fingerprint_changes(self.read_state(ckpt).fingerprint, fresh.fingerprint)
+        if changed and not cfg.checkpoint.allow_fingerprint_change:
+            raise CheckpointError(
+                f"{ckpt}: saved with a different {', '.join(changed)}; set "
+                "checkpoint.allow_fingerprint_change=true to resume anyway, or use a new "
+                "checkpoint.output_dir"
+            )
+        state = self.load(engine, ckpt)
+        if changed:
+            self.dist.log(f"resuming despite changed {', '.join(changed)} (allowed by config)")
+        state.fingerprint = fresh.fingerprint
+        self.dist.log(f"resumed from {ckpt} at step {state.step}")
+        return state
+
     def load(self, engine: Any, ckpt: Path) -> TrainState:
         """Restore engine (module, optimizer, lr scheduler), RNG and train state."""
-        state = TrainState(**json.loads((ckpt / STATE).read_text()))
+        state = self.read_state(ckpt)
         if state.world_size != self.dist.world_size:
             raise CheckpointError(
                 f"{ckpt}: saved with {state.world_size} workers, this run has "
                 f"{self.dist.world_size}; resuming on a different world size needs a "
                 "universal checkpoint"
             )
+        engine.checkpoint_engine = _WeightsOnlyCheckpointEngine()
         path, _ = engine.load_checkpoint(
             str(ckpt.parent),
             tag=ckpt.name,
@@ -235,3 +345,14 @@ class CheckpointCoordinator:
         rng_file = ckpt / f"rng_rank{self.dist.rank}.json"
         set_rng_state(json.loads(rng_file.read_text()), self.dist.device)
         return state
+
+    @staticmethod
+    def read_state(ckpt: Path) -> TrainState:
+        return TrainState.from_json((ckpt / STATE).read_text())
+
+
+def _eval_loss(ckpt: Path) -> float | None:
+    try:
+        return TrainState.from_json((ckpt / STATE).read_text()).eval_loss
+    except (OSError, ValueError, TypeError):
+        return None

@@ -64,13 +64,21 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
     """Fine-tune: typed config -> Ray workers -> DeepSpeed -> checkpoints + final model."""
     cfg = _load(config, overrides)
     config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
-    from distft.launch.ray import TrainingFailed, launch
+    from distft import preempt
+    from distft.launch.ray import TrainingFailed, init_ray, launch
 
     t0 = time.perf_counter()
-    try:
-        launch(cfg)
-    except TrainingFailed as e:
-        _fail([str(e)], EXIT_BAD_INPUT if e.user_error else EXIT_FAILED)
+    preempt.clear(cfg.output_dir)
+    init_ray(cfg)  # before our signal handlers: ray.init installs its own SIGTERM handler
+    with preempt.on_signal(cfg.output_dir) as signals:
+        try:
+            launch(cfg)
+        except TrainingFailed as e:
+            _fail([str(e)], EXIT_BAD_INPUT if e.user_error else EXIT_FAILED)
+    if signals:
+        preempt.clear(cfg.output_dir)
+        err.print("preempted: checkpoint committed; rerun the same command to resume")
+        raise typer.Exit(preempt.EXIT_PREEMPTED)
     out.print(_summary(cfg, time.perf_counter() - t0), markup=False)
 
 

@@ -75,18 +75,94 @@ class LoraConfig(_Section):
         return v
 
 
+DataFormat = Literal["auto", "instruction", "chat", "prompt_completion", "text", "tokenized"]
+# Record field names a config may remap (`fields: {canonical: name in the records}`).
+DATA_FIELDS = (
+    "instruction", "input", "output", "system", "messages", "role", "content",
+    "prompt", "completion", "text", "input_ids", "labels",
+)  # fmt: skip
+
+
+def _check_fields(v: dict[str, str] | None) -> dict[str, str] | None:
+    unknown = sorted(set(v or {}) - set(DATA_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}; allowed: {', '.join(DATA_FIELDS)}")
+    return v
+
+
+class SourceConfig(_Section):
+    """One dataset: a local file or folder (`path`) or a `datasets` hub name (`hub`)."""
+
+    path: str | None = Field(None, description="Local .json/.jsonl/.parquet/.csv file or folder.")
+    hub: str | None = Field(None, description="Hub dataset name, read with datasets.load_dataset.")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", min_length=1, description="Hub dataset split.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+    format: DataFormat | None = Field(None, description="null: data.format.")
+    fields: dict[str, str] | None = Field(None, description="null: data.fields.")
+    weight: float = Field(1.0, gt=0, description="Epoch share: weight x records (train only).")
+    max_samples: int | None = Field(None, gt=0, description="null: data.max_samples.")
+
+    _fields = field_validator("fields")(_check_fields)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceConfig:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (local) or 'hub' (datasets hub name)")
+        return self
+
+
 class DataConfig(_Section):
-    train_files: list[str] = Field(min_length=1, description="JSON/JSONL files of records.")
+    train_files: list[str] = Field(
+        default_factory=list, description="Local .json/.jsonl/.parquet/.csv files or folders."
+    )
     eval_files: list[str] = Field(default_factory=list)
-    format: Literal["auto", "instruction", "chat"] = "auto"
+    sources: list[SourceConfig] = Field(default_factory=list, description="More train data.")
+    eval_sources: list[SourceConfig] = Field(default_factory=list)
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="Eval carved from train.")
+    format: DataFormat = "auto"
+    fields: dict[str, str] = Field(default_factory=dict, description="Record field renames.")
+    max_samples: int | None = Field(None, gt=0, description="Records read per source.")
+    chat_template: Literal["tokenizer", "chatml", "llama3"] = "tokenizer"
+    train_on: Literal["assistant", "last_assistant_turn", "all"] = "assistant"
     max_seq_len: int = Field(1024, gt=8)
+    too_long: Literal["truncate", "drop"] = "truncate"
     on_bad_record: Literal["error", "skip"] = "error"
     shuffle: bool = True
+    batching: Literal["auto", "packed", "length_grouped", "padded"] = "auto"
+    cache_dir: str | None = Field(None, description="null: ~/.cache/distft/data.")
+
+    _fields = field_validator("fields")(_check_fields)
 
     @field_validator("train_files", "eval_files", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _has_train_data(self) -> DataConfig:
+        if not self.train_files and not self.sources:
+            raise ValueError("no training data: set data.train_files or data.sources")
+        if self.val_fraction and (self.eval_files or self.eval_sources):
+            raise ValueError("data.val_fraction: set it or eval_files/eval_sources, not both")
+        return self
+
+    def resolved(self, absolute: Any) -> tuple[DataConfig, list[str]]:
+        """Local paths made absolute by `absolute(str) -> str`; missing ones as problems."""
+        data, problems = self.model_copy(deep=True), []
+        for key in ("train_files", "eval_files"):
+            files = [absolute(f) for f in getattr(self, key)]
+            problems += [f"data.{key}: file not found: {f}" for f in files if not Path(f).exists()]
+            setattr(data, key, files)
+        for key in ("sources", "eval_sources"):
+            for i, src in enumerate(getattr(data, key)):
+                if src.path is not None:
+                    src.path = absolute(src.path)
+                    if not Path(src.path).exists():
+                        problems.append(f"data.{key}.{i}.path: file not found: {src.path}")
+        if self.cache_dir is not None:
+            data.cache_dir = absolute(self.cache_dir)
+        return data, problems
 
 
 class OptimConfig(_Section):
@@ -105,6 +181,10 @@ class BatchConfig(_Section):
     grad_accum: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    stop_after_steps: int | None = Field(
+        None, gt=0, description="Commit a checkpoint and exit after this step; the schedule "
+        "is unchanged, so the next run continues it (time-boxed jobs)."
+    )
 
 
 class EvalConfig(_Section):
@@ -139,7 +219,12 @@ class ClusterConfig(_Section):
 class CheckpointConfig(_Section):
     output_dir: str
     every_n_steps: int | None = Field(None, gt=0)
-    keep_last: int = Field(2, gt=0)
+    keep_last: int = Field(2, gt=0, description="Newest committed checkpoints kept.")
+    keep_best: bool = Field(False, description="Also keep the one with the lowest eval loss.")
+    resume: str = Field("auto", min_length=1, description="auto (newest valid), never, or a path.")
+    allow_fingerprint_change: bool = Field(
+        False, description="Resume even if model/data/hyperparameters changed since the save."
+    )
     save_final_model: bool = True
 
 
@@ -318,11 +403,8 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
         p = Path(value).expanduser()
         return str(p if p.is_absolute() else (base / p).resolve())
 
-    data = cfg.data.model_copy()
-    for key in ("train_files", "eval_files"):
-        files = [absolute(f) for f in getattr(cfg.data, key)]
-        problems += [f"data.{key}: file not found: {f}" for f in files if not Path(f).is_file()]
-        setattr(data, key, files)
+    data, data_problems = cfg.data.resolved(absolute)
+    problems += data_problems
     model = cfg.model.model_copy()
     for key in ("name_or_path", "tokenizer"):
         value = getattr(cfg.model, key)

@@ -100,17 +100,39 @@ def wandb_run_id(output_dir: Path) -> str:
     return run_id
 
 
-def make_logger(cfg: Config, dist: DistContext) -> MetricsLogger:
+class SkipLogged:
+    """After a resume at step k, steps k+1.. up to the last one already logged (by the
+    attempt that crashed after its checkpoint) are recomputed bit-identically; they are
+    not logged twice, so JSONL and W&B histories never repeat or rewind a step."""
+
+    def __init__(self, inner: MetricsLogger, last_logged: int):
+        self._inner, self._last = inner, last_logged
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step > self._last:
+            self._inner.log(metrics, step)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def make_logger(cfg: Config, dist: DistContext, resumed_at: int = 0) -> MetricsLogger:
     if not dist.is_main:
         return NullLogger()
-    loggers: list[MetricsLogger] = [JsonlLogger(cfg.output_dir / "metrics.jsonl")]
+    jsonl = cfg.output_dir / "metrics.jsonl"
+    last_logged = max((r["step"] for r in read_jsonl(jsonl)), default=-1) if resumed_at else -1
+    if not resumed_at:  # a fresh run here (nothing to resume): keep the old log aside
+        if jsonl.exists():
+            jsonl.replace(jsonl.with_name("metrics.prev.jsonl"))
+        (cfg.output_dir / "wandb_run_id").unlink(missing_ok=True)  # and a new W&B run
+    loggers: list[MetricsLogger] = [JsonlLogger(jsonl)]
     mode = wandb_mode(cfg)
     if mode != "disabled":
         key = cfg.logging.wandb.api_key
         if key is not None:
             os.environ["WANDB_API_KEY"] = key.get_secret_value()  # this process only
         loggers.append(WandbLogger(cfg, wandb_run_id(cfg.output_dir), mode))
-    return FanOut(loggers)
+    return SkipLogged(FanOut(loggers), last_logged)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

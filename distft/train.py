@@ -64,10 +64,10 @@ def train(
     eval_data: list[Batch],
     logger: MetricsLogger,
     start_step: int,
-    on_step_end: Callable[[int], bool],
+    on_step_end: Callable[[int, dict[str, float]], bool],
 ) -> dict[str, float]:
-    """Run optimizer steps `start_step..data.total_steps`. `on_step_end(step)` (checkpoint
-    and preemption) returns True to stop early. Returns the final summary metrics."""
+    """Run optimizer steps `start_step..data.total_steps`. `on_step_end(step, metrics)`
+    (checkpoints, preemption) returns True to stop early. Returns the last step's metrics."""
     world = dist.world_size
     progress = _progress(dist, data.total_steps, cfg.logging.every_n_steps)
     engine.module.train()
@@ -106,7 +106,7 @@ def train(
             logger.log(metrics, step)
         progress(step, metrics)
         summary = metrics
-        if on_step_end(step):
+        if on_step_end(step, metrics):
             break
     return summary
 

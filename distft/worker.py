@@ -3,8 +3,6 @@ Slurm). Builds everything in order and hands control to the loop."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
 from typing import Any
@@ -13,7 +11,8 @@ import numpy as np
 import torch
 
 from distft import dist as distmod
-from distft.checkpoint import CheckpointCoordinator, TrainState
+from distft import preempt
+from distft.checkpoint import CheckpointCoordinator, TrainState, fingerprint
 from distft.config import Config
 from distft.data import TrainBatches, eval_batches, load_split
 from distft.engine import build_ds_config, create_engine
@@ -27,25 +26,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def fingerprint(cfg: Config) -> dict[str, str]:
-    """What must not change between a checkpoint and its resume (trajectory-relevant)."""
-
-    def h(obj: Any) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[
-            :16
-        ]
-
-    d = cfg.redacted()
-    return {
-        "model": h(d["model"]),
-        "lora": h(d["lora"]),
-        "data": h(d["data"]),
-        "optim": h(d["optim"]),
-        "batch": h(d["batch"]),
-        "seed": h(d["seed"]),
-    }
 
 
 def run_worker(train_loop_config: dict[str, Any]) -> None:
@@ -73,28 +53,41 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     dist.log(f"params: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
     engine = create_engine(model, cfg, ds_config, batches.total_steps)
 
-    ckpts = CheckpointCoordinator(cfg.output_dir / "checkpoints", dist, cfg.checkpoint.keep_last)
-    state = TrainState(world_size=dist.world_size, fingerprint=fingerprint(cfg))
-    resume_from = ckpts.find_resume("auto")
-    if resume_from is not None:
-        state = ckpts.load(engine, resume_from)
-        dist.log(f"resumed from {resume_from} at step {state.step}")
-    logger = make_logger(cfg, dist)
+    ckpts = CheckpointCoordinator(
+        cfg.output_dir / "checkpoints", dist, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best
+    )
+    fresh = TrainState(world_size=dist.world_size, fingerprint=fingerprint(cfg))
+    state = ckpts.restore(engine, cfg, fresh)
+    logger = make_logger(cfg, dist, resumed_at=state.step)
     dist.log(f"ready in {time.perf_counter() - t_start:.1f}s; {batches.total_steps} steps")
 
     if evals and state.step == 0:
         logger.log({"eval/loss": evaluate(engine, evals, dist)}, 0)
 
-    def on_step_end(step: int) -> bool:
-        state.step, state.samples_seen = step, step * batches.global_batch
+    stopped_by: list[str] = []
+
+    def on_step_end(step: int, metrics: dict[str, float]) -> bool:
+        """Checkpoint cadence and early stops; True stops the loop (all ranks agree)."""
+        state.step, state.epoch = step, batches.epoch_of(step)
+        state.samples_seen = step * batches.global_batch
+        state.eval_loss = metrics.get("eval/loss", state.eval_loss)
+        if dist.any(preempt.requested(cfg.output_dir)):
+            stopped_by.append("preemption")
+        elif step == cfg.batch.stop_after_steps and step < batches.total_steps:
+            stopped_by.append("batch.stop_after_steps")
         every = cfg.checkpoint.every_n_steps
-        if every and step % every == 0 and step < batches.total_steps:
+        if stopped_by or (every and step % every == 0 and step < batches.total_steps):
             ckpts.save(engine, state)
-        return False
+        return bool(stopped_by)
 
     train(cfg, dist, engine, batches, evals, logger, state.step, on_step_end)
+    if stopped_by:
+        dist.log(f"stopped at step {state.step} ({stopped_by[0]}); checkpoint committed")
+        logger.close()
+        return
     if evals:
-        logger.log({"eval/loss": evaluate(engine, evals, dist)}, state.step)
+        state.eval_loss = evaluate(engine, evals, dist)
+        logger.log({"eval/loss": state.eval_loss}, state.step)
     ckpts.save(engine, state)
     if cfg.checkpoint.save_final_model:
         save_final(engine, tokenizer, cfg.output_dir / "final", dist, lora=cfg.lora.enabled)

@@ -23,7 +23,10 @@ class TrainingFailed(Exception):
 
 def _worker_env() -> dict[str, str]:
     """Env vars the workers need from the driver (never secrets)."""
-    keep = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE")
+    keep = (
+        "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE",
+        "DISTFT_FAULT",  # distft.faults: crash-safety tests only
+    )
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env

@@ -1,0 +1,214 @@
+"""Checkpoint coordinator end to end: real Ray, 2 DeepSpeed ranks, real kills and signals.
+
+Reference runs go uninterrupted; the others are stopped (early stop, SIGKILL in the middle
+of a checkpoint write, a corrupted shard, SIGTERM) and restarted with the same command.
+Per-step losses and final weights must equal the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.support import (
+    DISTFT,
+    REPO,
+    read_metrics,
+    run_cli,
+    tiny_config,
+    wandb_history,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+ZERO3 = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+SETUPS = {
+    "zero2": {"deepspeed": {"zero_stage": 2, "precision": "fp32"}},
+    "zero3": {"deepspeed": {"zero_stage": 3, "precision": "fp32", "ds_config": ZERO3}},
+    "zero3_lora": {
+        "deepspeed": {"zero_stage": 3, "precision": "fp32", "ds_config": ZERO3},
+        # dropout > 0: the RNG state must be restored for the resumed steps to match
+        "lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.1},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def small_train(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 samples: 4 optimizer steps per epoch, so 40 steps cross 10 epoch boundaries."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(tiny.train_file.read_text().splitlines()[:64]) + "\n")
+    return path
+
+
+def config(tiny: Any, small_train: Path, out: Path, setup: str, **extra: Any) -> Path:
+    sections = {k: dict(v) for k, v in SETUPS[setup].items()}
+    sections["data"] = {"train_files": [str(small_train)], "eval_files": []}
+    sections["batch"] = {"micro_batch_size": 4, "grad_accum": 2, "max_steps": STEPS}
+    sections["checkpoint"] = {"every_n_steps": 3, "keep_last": 2}
+    for key, value in extra.items():
+        sections.setdefault(key, {}).update(value)
+    cfg = tiny_config(tiny, out, **sections)
+    return write_config(out.parent / f"{out.name}.yaml", cfg)
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    final = out / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_config.json").exists() else None
+    return load_file(final / (name or "model.safetensors"))
+
+
+def assert_identical(run: Path, ref: Path) -> None:
+    assert losses(run) == losses(ref)  # exact float equality, every step
+    a, b = weights(run), weights(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def train(cfg: Path, *overrides: str, env: dict[str, str] | None = None) -> Any:
+    if env is None:
+        return run_cli("train", str(cfg), *overrides)
+    return subprocess.run(
+        [DISTFT, "train", str(cfg), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+def ok(proc: Any) -> Any:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Any, small_train: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Uninterrupted runs, one per setup, built on first use."""
+    cache: dict[str, Path] = {}
+
+    def get(setup: str) -> Path:
+        if setup not in cache:
+            out = tmp_path_factory.mktemp(f"ref_{setup}") / "run"
+            ok(train(config(tiny, small_train, out, setup)))
+            cache[setup] = out
+        return cache[setup]
+
+    return get
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_stop_and_resume_is_bit_exact(setup, reference, tiny, small_train, tmp_path) -> None:
+    out = tmp_path / "run"
+    cfg = config(tiny, small_train, out, setup)
+    first = ok(train(cfg, "batch.stop_after_steps=17"))  # mid-epoch, between saves
+    assert "stopped at step 17 (batch.stop_after_steps); checkpoint committed" in first.stdout
+    assert not (out / "final").exists()
+    second = ok(train(cfg))
+    assert "resumed from" in second.stdout and "at step 17" in second.stdout
+    assert_identical(out, reference(setup))
+    if setup == "zero2":  # W&B continues the same run; no step is logged twice
+        history = [step for step, row in wandb_history(out) if "train/loss" in row]
+        assert history == list(range(1, STEPS + 1))
+        assert len({p.name.split("-")[-1] for p in (out / "wandb").glob("offline-run-*")}) == 1
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(reference, tiny, small_train, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(tiny, small_train, out, "zero2")
+    crashed = train(cfg, env={"DISTFT_FAULT": "save:12:1"})  # rank 1 dies writing step 12
+    assert crashed.returncode == 1, crashed.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / ".partial" / "step_00000012").is_dir()  # torn: never published
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000006", "step_00000009"]
+    resumed = ok(train(cfg))
+    assert "at step 9" in resumed.stdout
+    assert_identical(out, reference("zero2"))
+    # retention kept the newest two (+ the final save), never fewer
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000039", "step_00000040"]
+
+
+def test_flipped_byte_is_caught_by_hash_before_loading(reference, tiny, small_train, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(tiny, small_train, out, "zero2")
+    ok(train(cfg, "batch.stop_after_steps=12"))
+    shard = sorted((out / "checkpoints" / "step_00000012").glob("*optim_states.pt"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit
+    shard.write_bytes(bytes(data))
+    resumed = ok(train(cfg))
+    assert f"skipping checkpoint: {shard.parent}: {shard.name} does not match its hash" in (
+        resumed.stdout
+    )
+    assert "at step 9" in resumed.stdout
+    assert_identical(out, reference("zero2"))
+
+
+def test_sigterm_preempts_with_checkpoint_and_resumes_exactly(
+    reference, tiny, small_train, tmp_path
+):
+    out = tmp_path / "run"
+    cfg = config(tiny, small_train, out, "zero2", checkpoint={"every_n_steps": 1000})
+    proc = subprocess.Popen(
+        [DISTFT, "train", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and losses(out).keys() & {2, 3}:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert "preempted: checkpoint committed" in stderr
+    (ckpt,) = (out / "checkpoints").glob("step_*")
+    stopped_at = int(ckpt.name.split("_")[1])
+    assert 2 <= stopped_at < STEPS
+    assert f"stopped at step {stopped_at} (preemption)" in stdout
+    resumed = ok(train(cfg))
+    assert f"at step {stopped_at}" in resumed.stdout
+    assert_identical(out, reference("zero2"))
+
+
+def test_changed_hyperparameters_are_refused_unless_allowed(tiny, small_train, tmp_path) -> None:
+    out = tmp_path / "run"
+    cfg = config(tiny, small_train, out, "zero2")
+    ok(train(cfg, "batch.stop_after_steps=3"))
+    refused = train(cfg, "optim.lr=0.01", "optim.warmup_steps=0")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "saved with a different optim;" in errors[0], refused.stderr
+    allowed = ok(
+        train(
+            cfg,
+            "optim.lr=0.01",
+            "checkpoint.allow_fingerprint_change=true",
+            "batch.stop_after_steps=5",
+        )
+    )
+    assert "resuming despite changed optim" in allowed.stdout
