@@ -33,7 +33,7 @@ import torch.distributed as tdist
 import xxhash
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from distft import __version__, faults
+from distft import __version__, faults, reshard
 from distft.config import Config
 from distft.dist import DistContext
 from distft.errors import UserError
@@ -112,7 +112,12 @@ def fingerprint(cfg: Config) -> dict[str, str]:
     """Hashes of what shapes the training trajectory, by name. Logging, cluster layout,
     checkpoint cadence and `batch.stop_after_steps` are left out on purpose."""
     d = cfg.redacted()
-    batch = {k: v for k, v in d["batch"].items() if k != "stop_after_steps"}
+    b = cfg.batch  # the split into micro x accum x workers does not change the trajectory
+    batch = {
+        "global_batch": b.micro_batch_size * b.grad_accum * cfg.cluster.num_workers,
+        "epochs": b.epochs,
+        "max_steps": b.max_steps,
+    }
 
     def h(obj: Any) -> str:
         return xxhash.xxh3_64_hexdigest(json.dumps(obj, sort_keys=True, default=str).encode())
@@ -320,30 +325,37 @@ class CheckpointCoordinator:
         state = self.load(engine, ckpt)
         if changed:
             self.dist.log(f"resuming despite changed {', '.join(changed)} (allowed by config)")
-        state.fingerprint = fresh.fingerprint
+        state.fingerprint, state.world_size = fresh.fingerprint, fresh.world_size
         self.dist.log(f"resumed from {ckpt} at step {state.step}")
         return state
 
     def load(self, engine: Any, ckpt: Path) -> TrainState:
         """Restore engine (module, optimizer, lr scheduler), RNG and train state."""
         state = self.read_state(ckpt)
-        if state.world_size != self.dist.world_size:
-            raise CheckpointError(
-                f"{ckpt}: saved with {state.world_size} workers, this run has "
-                f"{self.dist.world_size}; resuming on a different world size needs a "
-                "universal checkpoint"
-            )
         engine.checkpoint_engine = _WeightsOnlyCheckpointEngine()
-        path, _ = engine.load_checkpoint(
-            str(ckpt.parent),
-            tag=ckpt.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        if state.world_size == self.dist.world_size:
+            path, _ = engine.load_checkpoint(
+                str(ckpt.parent),
+                tag=ckpt.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        else:
+            self.dist.log(
+                f"{ckpt} was saved by {state.world_size} workers, this run has "
+                f"{self.dist.world_size}: resharding through a universal checkpoint"
+            )
+            path = reshard.load_universal(engine, reshard.to_universal(ckpt, self.dist))
         if path is None:
             raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
         rng_file = ckpt / f"rng_rank{self.dist.rank}.json"
-        set_rng_state(json.loads(rng_file.read_text()), self.dist.device)
+        if rng_file.is_file():
+            set_rng_state(json.loads(rng_file.read_text()), self.dist.device)
+        else:  # a rank the saving run did not have: a fresh, rank-specific stream
+            seed = 1_000_003 * state.step + self.dist.rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
         return state
 
     @staticmethod

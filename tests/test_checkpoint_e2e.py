@@ -212,3 +212,29 @@ def test_changed_hyperparameters_are_refused_unless_allowed(tiny, small_train, t
         )
     )
     assert "resuming despite changed optim" in allowed.stdout
+
+
+def test_two_workers_to_one_resumes_through_universal_checkpoint(
+    reference, tiny, small_train, tmp_path
+) -> None:
+    """Same global batch (4 x 2 x 2 -> 4 x 4 x 1): same samples per step, same schedule.
+    Only the reduction order differs, so the trajectory matches to float tolerance."""
+    out = tmp_path / "run"
+    cfg = config(tiny, small_train, out, "zero2")
+    ok(train(cfg, "batch.stop_after_steps=17"))
+    resumed = ok(train(cfg, "cluster.num_workers=1", "batch.grad_accum=4"))
+    assert "was saved by 2 workers, this run has 1: resharding through a universal" in (
+        resumed.stdout
+    )
+    assert "at step 17" in resumed.stdout
+    assert (out / "checkpoints" / ".universal" / "step_00000017" / "zero").is_dir()
+    ref = reference("zero2")
+    mine, theirs = losses(out), losses(ref)
+    assert mine.keys() == theirs.keys()
+    for step in mine:
+        assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
+    rows = [r for r in read_metrics(out) if "train/samples_seen" in r]
+    assert rows[-1]["train/samples_seen"] == STEPS * 16  # every step consumed 16 samples
+    a, b = weights(out), weights(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
