@@ -43,8 +43,9 @@ def to_universal(ckpt: Path, dist: DistContext) -> Path:
         )
         with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
             ds_to_universal(args)
-        for f in ckpt.glob("*model_states.pt"):
-            os.link(f, staging / f.name)
+        for f in ckpt.glob("*model_states.pt"):  # those DeepSpeed did not write itself
+            if not (staging / f.name).exists():
+                os.link(f, staging / f.name)
         (staging / DONE).write_text(ckpt.name)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
