@@ -1,0 +1,173 @@
+"""Checkpoint coordinator pieces that need no process group: verification, retention,
+resume selection, fingerprints, RNG round trip, preemption flag, fault spec."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distft import faults, preempt
+from distft.checkpoint import (
+    MANIFEST,
+    STATE,
+    CheckpointCoordinator,
+    CheckpointError,
+    TrainState,
+    _hash_file,
+    fingerprint,
+    fingerprint_changes,
+    rng_state,
+    set_rng_state,
+)
+from distft.config import Config, from_dict
+from distft.dist import DistContext
+
+ONE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def fake_checkpoint(root: Path, step: int, eval_loss: float | None = None) -> Path:
+    """A committed-looking step dir with a real manifest over two files."""
+    d = root / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (d / "shard.bin").write_bytes(bytes(range(256)) * (step + 1))
+    (d / STATE).write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+    files = {
+        n: {"size": (d / n).stat().st_size, "xxh3_128": _hash_file(d / n)}
+        for n in ("shard.bin", STATE)
+    }
+    (d / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+    return d
+
+
+def test_verify_accepts_intact_and_names_each_kind_of_damage(tmp_path: Path) -> None:
+    c = CheckpointCoordinator(tmp_path, ONE, keep_last=5)
+    good = fake_checkpoint(tmp_path, 1)
+    assert c.verify(good) is None
+    flipped = fake_checkpoint(tmp_path, 2)
+    data = bytearray((flipped / "shard.bin").read_bytes())
+    data[7] ^= 0x80
+    (flipped / "shard.bin").write_bytes(bytes(data))
+    assert c.verify(flipped) == f"{flipped}: shard.bin does not match its hash (corrupted)"
+    torn = fake_checkpoint(tmp_path, 3)
+    (torn / "shard.bin").write_bytes(b"short")
+    assert c.verify(torn) == f"{torn}: shard.bin has 5 bytes, manifest says 1024"
+    missing = fake_checkpoint(tmp_path, 4)
+    (missing / "shard.bin").unlink()
+    assert c.verify(missing) == f"{missing}: missing file shard.bin"
+    garbled = fake_checkpoint(tmp_path, 5)
+    (garbled / MANIFEST).write_text("{not json")
+    assert (c.verify(garbled) or "").startswith(f"{garbled}: unreadable manifest")
+
+
+def test_find_resume_skips_damaged_newest_and_never_uses_partial(tmp_path, capsys) -> None:
+    c = CheckpointCoordinator(tmp_path, ONE, keep_last=5)
+    fake_checkpoint(tmp_path, 3)
+    newest = fake_checkpoint(tmp_path, 6)
+    (newest / "shard.bin").write_bytes(b"x" * (newest / "shard.bin").stat().st_size)
+    partial = tmp_path / ".partial" / "step_00000009"
+    partial.mkdir(parents=True)
+    (tmp_path / "step_00000012").mkdir()  # no manifest: never considered
+    assert c.find_resume("auto") == tmp_path / "step_00000003"
+    assert f"skipping checkpoint: {newest}: shard.bin does not match its hash" in (
+        capsys.readouterr().out
+    )
+    assert c.find_resume("never") is None
+    assert c.find_resume(str(tmp_path / "step_00000003")) == tmp_path / "step_00000003"
+    with pytest.raises(CheckpointError, match="checkpoint.resume: .*step_00000006: shard.bin"):
+        c.find_resume(str(newest))
+    with pytest.raises(CheckpointError, match="no manifest"):
+        c.find_resume(str(partial))
+
+
+def test_retention_keeps_newest_and_best(tmp_path: Path) -> None:
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, None)]:
+        fake_checkpoint(tmp_path, step, loss)
+    CheckpointCoordinator(tmp_path, ONE, keep_last=2, keep_best=True)._retain()
+    assert [p.name for p in sorted(tmp_path.glob("step_*"))] == [
+        "step_00000002",  # best eval loss
+        "step_00000004",
+        "step_00000005",
+    ]
+    CheckpointCoordinator(tmp_path, ONE, keep_last=1)._retain()
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000005"]
+
+
+def test_train_state_json_ignores_unknown_keys() -> None:
+    s = TrainState(step=7, samples_seen=112, wandb_run_id="abc", eval_loss=1.5)
+    from dataclasses import asdict
+
+    text = json.dumps({**asdict(s), "from_the_future": 1})
+    assert TrainState.from_json(text) == s
+
+
+def test_rng_state_round_trips_through_json() -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    saved = json.loads(json.dumps(rng_state(torch.device("cpu"))))
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(saved, torch.device("cpu"))
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def _cfg(tmp_path: Path, **batch: int) -> Config:
+    data = tmp_path / "t.jsonl"
+    if not data.exists():
+        data.write_text('{"instruction": "a", "output": "b"}\n')
+    return from_dict(
+        {
+            "model": {"name_or_path": "org/model"},
+            "data": {"train_files": [str(data)]},
+            "batch": {"micro_batch_size": 4, "grad_accum": 2, **batch},
+            "cluster": {"num_workers": 2},
+            "checkpoint": {"output_dir": str(tmp_path / "out")},
+        }
+    )
+
+
+def test_fingerprint_tracks_trajectory_not_layout(tmp_path: Path) -> None:
+    base = fingerprint(_cfg(tmp_path))
+    # the same global batch split differently, a time box, logging: not a change
+    same = _cfg(tmp_path, grad_accum=4, stop_after_steps=3)
+    same.cluster.num_workers = 1
+    same.logging.every_n_steps = 7
+    assert fingerprint_changes(base, fingerprint(same)) == []
+    lr = _cfg(tmp_path)
+    lr.optim.lr = 1.0
+    assert fingerprint_changes(base, fingerprint(lr)) == ["optim"]
+    (tmp_path / "t.jsonl").write_text('{"instruction": "a", "output": "c"}\n')
+    assert fingerprint_changes(base, fingerprint(_cfg(tmp_path))) == ["data_files"]
+    bigger = _cfg(tmp_path, micro_batch_size=8)
+    assert "batch" in fingerprint_changes(base, fingerprint(bigger))
+
+
+def test_preempt_flag_and_signal_handler(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    assert not preempt.requested(tmp_path)
+    with preempt.on_signal(tmp_path) as seen:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+    assert preempt.requested(tmp_path)
+    preempt.clear(tmp_path)
+    assert not preempt.requested(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is not None  # previous handler restored
+
+
+def test_fault_spec_matches_point_step_and_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(faults.ENV, "save:4:1")
+    faults.maybe_crash("save", 3, 1)  # other step: nothing happens
+    faults.maybe_crash("save", 4, 0)  # other rank: nothing happens
+    faults.maybe_crash("load", 4, 1)  # other point: nothing happens
+    monkeypatch.delenv(faults.ENV)
+    faults.maybe_crash("save", 4, 1)  # unset: nothing happens
