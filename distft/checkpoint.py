@@ -23,6 +23,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,14 @@ class TrainState:
 # ------------------------------------------------------------------------ small pieces
 
 
-def _hash_file(path: Path) -> str:
+def _hash_file(path: Path, sync: bool = False) -> str:
+    """xxh3-128 of the file; with `sync`, also flush it to stable storage (commit)."""
     h = xxhash.xxh3_128()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -199,9 +203,12 @@ class CheckpointCoordinator:
         dirs = [p for p in self.root.glob("step_*") if (p / MANIFEST).is_file()]
         return sorted(dirs, key=lambda p: p.name)
 
-    def _hash_spread(self, root: Path, names: list[str]) -> dict[str, str]:
-        """Hash files, each rank taking every W-th one; every rank gets all hashes."""
-        mine = {n: _hash_file(root / n) for n in names[self.dist.rank :: self.dist.world_size]}
+    def _hash_spread(self, root: Path, names: list[str], sync: bool = False) -> dict[str, str]:
+        """Hash (and with `sync`, fsync) files, each rank taking every W-th one; every
+        rank gets all hashes."""
+        mine = {
+            n: _hash_file(root / n, sync) for n in names[self.dist.rank :: self.dist.world_size]
+        }
         if self.dist.world_size == 1 or not tdist.is_initialized():
             return mine
         parts: list[dict[str, str]] = [{} for _ in range(self.dist.world_size)]
@@ -252,6 +259,7 @@ class CheckpointCoordinator:
     # -- save
     def save(self, engine: Any, state: TrainState) -> Path:
         """Collective: every rank must call it at the same step."""
+        t0 = time.perf_counter()
         tag = f"step_{state.step:08d}"
         staging = self.partial / tag
         if self.dist.is_main and staging.exists():
@@ -266,7 +274,7 @@ class CheckpointCoordinator:
             (staging / STATE).write_text(json.dumps(asdict(state), indent=1))
         self.dist.barrier()
         names = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
-        hashes = self._hash_spread(staging, names)
+        hashes = self._hash_spread(staging, names, sync=True)
         final = self.root / tag
         if self.dist.is_main:
             files = {
@@ -286,6 +294,11 @@ class CheckpointCoordinator:
             _fsync_dir(self.root)
             _atomic_write(self.root / "latest", tag)
             self._retain()
+            size = sum(f["size"] for f in files.values())
+            self.dist.log(
+                f"checkpoint {tag} committed: {size / 1e6:.1f} MB in "
+                f"{time.perf_counter() - t0:.2f}s"
+            )
         self.dist.barrier()
         return final
 
@@ -322,11 +335,14 @@ class CheckpointCoordinator:
                 "checkpoint.allow_fingerprint_change=true to resume anyway, or use a new "
                 "checkpoint.output_dir"
             )
+        t0 = time.perf_counter()
         state = self.load(engine, ckpt)
         if changed:
             self.dist.log(f"resuming despite changed {', '.join(changed)} (allowed by config)")
         state.fingerprint, state.world_size = fresh.fingerprint, fresh.world_size
-        self.dist.log(f"resumed from {ckpt} at step {state.step}")
+        self.dist.log(
+            f"resumed from {ckpt} at step {state.step} (loaded in {time.perf_counter() - t0:.2f}s)"
+        )
         return state
 
     def load(self, engine: Any, ckpt: Path) -> TrainState:
