@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DISTFT := $(VENV)/bin/distft
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo test test-fast lint clean cluster-deps
 
 venv: $(VENV)/.installed
 
@@ -24,8 +24,18 @@ demo: venv
 	rm -rf runs/tiny_demo
 	$(DISTFT) train examples/tiny_demo.yaml
 
-test: venv
+test: venv cluster-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Real Slurm + munge (tests/test_slurm.py) and iproute2 for the test hosts in network
+# namespaces (tests/netns_fixture.py); Debian/Ubuntu as root, e.g. CI. Elsewhere those
+# tests skip and say why.
+CLUSTER_PKGS := slurmctld slurmd slurm-client munge iproute2
+cluster-deps:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v ip >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(CLUSTER_PKGS); \
+	else echo "cluster-deps: not root or no apt-get: the Slurm tests will be skipped"; fi
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -41,12 +41,10 @@ def _load(config: Path, overrides: list[str] | None) -> config_mod.Config:
 
 
 def _check_data(cfg: config_mod.Config) -> None:
-    """Record-level problems are reported before any worker starts."""
-    from distft.data import read_conversations
+    """Record-level problems are reported before any worker starts (local sources)."""
+    from distft.data import check_records
 
-    for files in (cfg.data.train_files, cfg.data.eval_files):
-        if files:
-            read_conversations(files, cfg.data.format, cfg.data.on_bad_record)
+    check_records(cfg.data)
 
 
 @app.command()
@@ -79,7 +77,10 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
         preempt.clear(cfg.output_dir)
         err.print("preempted: checkpoint committed; rerun the same command to resume")
         raise typer.Exit(preempt.EXIT_PREEMPTED)
+    from distft.report import write_report
+
     out.print(_summary(cfg, time.perf_counter() - t0), markup=False)
+    out.print(f"report: {write_report(cfg.output_dir)}", markup=False)
 
 
 def _summary(cfg: config_mod.Config, wall: float) -> str:
@@ -95,6 +96,61 @@ def _summary(cfg: config_mod.Config, wall: float) -> str:
         parts.append(f"eval loss {evals[-1]:.4f}")
     parts.append(f"output: {cfg.output_dir}")
     return "; ".join(parts)
+
+
+@app.command()
+def preprocess(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
+    """Tokenize the data into the preprocessing cache ahead of training (no Ray, no GPU)."""
+    from distft.data.preprocess import preprocess as build_cache
+
+    try:
+        cfg = config_mod.resolve_paths(config_mod.load(config, overrides or []))
+        build_cache(cfg, lambda line: out.print(line, markup=False))
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(
+        ..., help="Run directory (uses checkpoints/latest) or a checkpoints/step_* directory."
+    ),
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (new or empty)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="LoRA: write W + BA merged."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the run's precision), fp32, bf16."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check logits (default on)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Per safetensors file."),
+) -> None:
+    """Checkpoint -> Hugging Face model or PEFT adapter, checked against the checkpoint."""
+    from distft.export import export_checkpoint
+    from distft.verify import VerificationFailed
+
+    try:
+        result = export_checkpoint(
+            source,
+            out_dir,
+            merge_lora=merge_lora,
+            dtype=dtype,
+            verify=verify,
+            max_shard_size=max_shard_size,
+            log=lambda line: err.print(line, markup=False),
+        )
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+    except VerificationFailed as e:
+        _fail([f"verification failed: {e}"], EXIT_FAILED)
+    out.print(result.line(), markup=False)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run's output directory.")) -> None:
+    """Plots of the run's metrics and one HTML page: RUN_DIR/report.html."""
+    from distft.report import write_report
+
+    try:
+        out.print(f"report: {write_report(run_dir)}", markup=False)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
 
 
 @app.command("make-tiny")

@@ -240,6 +240,9 @@ class WandbConfig(_Section):
 
 class LoggingConfig(_Section):
     every_n_steps: int = Field(1, gt=0)
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak dense TFLOP/s per worker for MFU; null: known GPUs only."
+    )
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 

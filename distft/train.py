@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from distft.config import Config
 from distft.data import Batch, TrainBatches
 from distft.dist import DistContext
+from distft.flops import Throughput
 from distft.metrics import MetricsLogger
 
 
 def nll_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over the batch's target tokens, and their count."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = model(**batch.model_inputs()).logits  # ids, mask, position ids (packed)
     logits = logits[:, :-1].float()
     targets = batch.labels[:, 1:]
     loss = F.cross_entropy(
@@ -70,6 +71,7 @@ def train(
     (checkpoints, preemption) returns True to stop early. Returns the last step's metrics."""
     world = dist.world_size
     progress = _progress(dist, data.total_steps, cfg.logging.every_n_steps)
+    perf = Throughput.for_run(cfg, engine.module, dist, data.pad_id)  # FLOPs, MFU, memory
     engine.module.train()
     summary: dict[str, float] = {}
     step = start_step
@@ -78,7 +80,10 @@ def train(
         micro_batches = [b.to(dist.device) for b in data.for_step(step)]
         local_targets = sum(b.n_targets for b in micro_batches)
         local_tokens = sum(b.n_tokens for b in micro_batches)
-        global_targets, global_tokens = dist.sum([local_targets, local_tokens])
+        local_flops = perf.flops(micro_batches)
+        global_targets, global_tokens, global_flops = dist.sum(
+            [local_targets, local_tokens, local_flops]
+        )
 
         loss_sum = 0.0
         for b in micro_batches:
@@ -88,7 +93,7 @@ def train(
             loss_sum += s.item()
         step += 1
 
-        (loss_total,) = dist.sum([loss_sum])
+        loss_total, *peak_mem = dist.sum([loss_sum, *perf.memory_by_rank()])
         dt = time.perf_counter() - t0
         metrics = {
             "train/loss": loss_total / global_targets,
@@ -99,6 +104,7 @@ def train(
             "train/tokens_per_s": global_tokens / dt,
             "train/samples_seen": step * data.global_batch,
             "train/epoch": step / data.steps_per_epoch,
+            **perf.metrics(dt, global_tokens, global_flops, peak_mem),
         }
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
             metrics["eval/loss"] = evaluate(engine, eval_data, dist)

@@ -14,9 +14,10 @@ from distft import dist as distmod
 from distft import preempt
 from distft.checkpoint import CheckpointCoordinator, TrainState, fingerprint
 from distft.config import Config
-from distft.data import TrainBatches, eval_batches, load_split
+from distft.data import TrainBatches, describe, eval_batches, prepare
 from distft.engine import build_ds_config, create_engine
 from distft.export import save_final
+from distft.launch.preflight import preflight
 from distft.metrics import make_logger
 from distft.model import build_model, count_params, load_tokenizer
 from distft.train import evaluate, train
@@ -32,26 +33,33 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     cfg: Config = train_loop_config["config"]
     t_start = time.perf_counter()
     dist = distmod.init(cfg.cluster.use_gpu)
+    laps = [("dist init", time.perf_counter())]  # start-up phases, for the "ready" line
+    preflight(cfg.output_dir, dist, train_loop_config.get("launch_id"))  # shared dir, restarts
+    laps.append(("preflight", time.perf_counter()))
     seed_everything(cfg.seed)
 
     ds_config, overridden = build_ds_config(cfg, dist.world_size)
     if overridden:
         dist.log(f"deepspeed.ds_config overrides generated keys: {', '.join(overridden)}")
     tokenizer = load_tokenizer(cfg)
-    train_ds = load_split(cfg, tokenizer, cfg.data.train_files)
-    eval_ds = load_split(cfg, tokenizer, cfg.data.eval_files) if cfg.data.eval_files else None
-    dist.log(f"train data: {train_ds.info.description}")
-    batches = TrainBatches(train_ds, cfg, dist, tokenizer.pad_token_id)
+    data = prepare(cfg, tokenizer, dist)  # the preprocessing cache; one builder per node
+    batches = TrainBatches(data.train, cfg, dist, tokenizer.pad_token_id)
+    data_stats, data_lines = describe(data, batches)
+    for line in data_lines:
+        dist.log(line)
     evals = (
-        eval_batches(eval_ds, cfg.eval.micro_batch_size, dist, tokenizer.pad_token_id)
-        if eval_ds is not None
+        eval_batches(data.eval, cfg.eval.micro_batch_size, dist, tokenizer.pad_token_id)
+        if data.eval is not None
         else []
     )
+    laps.append(("data", time.perf_counter()))
 
     model = build_model(cfg, ds_config)
+    laps.append(("model", time.perf_counter()))
     trainable, total = count_params(model)
     dist.log(f"params: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
     engine = create_engine(model, cfg, ds_config, batches.total_steps)
+    laps.append(("deepspeed", time.perf_counter()))
 
     ckpts = CheckpointCoordinator(
         cfg.output_dir / "checkpoints", dist, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best
@@ -59,7 +67,12 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     fresh = TrainState(world_size=dist.world_size, fingerprint=fingerprint(cfg))
     state = ckpts.restore(engine, cfg, fresh)
     logger = make_logger(cfg, dist, resumed_at=state.step)
-    dist.log(f"ready in {time.perf_counter() - t_start:.1f}s; {batches.total_steps} steps")
+    if state.step == 0:
+        logger.log(data_stats, 0)
+    laps.append(("restore+logger", time.perf_counter()))
+    starts = [t_start] + [t for _, t in laps]
+    split = ", ".join(f"{n} {t - t0:.2f}s" for (n, t), t0 in zip(laps, starts, strict=False))
+    dist.log(f"ready in {laps[-1][1] - t_start:.1f}s ({split}); {batches.total_steps} steps")
 
     if evals and state.step == 0:
         logger.log({"eval/loss": evaluate(engine, evals, dist)}, 0)
@@ -90,5 +103,5 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         logger.log({"eval/loss": state.eval_loss}, state.step)
     ckpts.save(engine, state)
     if cfg.checkpoint.save_final_model:
-        save_final(engine, tokenizer, cfg.output_dir / "final", dist, lora=cfg.lora.enabled)
+        save_final(engine, tokenizer, cfg, dist)
     logger.close()

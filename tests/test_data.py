@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -24,8 +23,9 @@ from distft.data import (
     eval_batches,
     read_conversations,
 )
-from distft.data.records import ReadReport
-from distft.data.tokenize import encode_all
+from distft.data.formats import ReadReport, Sample
+from distft.data.store import Split
+from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 from distft.dist import DistContext
 
 N_TRAIN, N_EVAL = 200, 20
@@ -204,8 +204,9 @@ BAD_RECORDS = [
     pytest.param(line([1, 2]), "expected a JSON object, got list", id="array-line"),
     pytest.param(line("text"), "expected a JSON object, got str", id="string-line"),
     pytest.param(
-        line({"prompt": "x", "completion": "y"}),
-        "cannot tell the format: expected 'messages' or 'instruction'/'output'",
+        line({"question": "x", "answer": "y"}),
+        "cannot tell the format: expected 'messages', 'conversations', 'instruction'/'output', "
+        "'prompt'/'completion', 'text' or 'input_ids'",
         id="unknown-format",
     ),
 ]
@@ -281,6 +282,16 @@ def test_asset_files_read_as_matching_conversations(assets: TinyAssets) -> None:
 
 
 # ----------------------------------------------------------------------------- masking
+
+
+def encode_all(
+    tok: Any, samples: list[Sample], max_seq_len: int, on_bad_record: str, **settings: Any
+) -> tuple[dict[str, list[list[int]]], TokenizeReport]:
+    report = TokenizeReport()
+    encoder = Encoder(tok, EncodeSettings(max_seq_len, **settings))
+    rows = list(encoder.encode_many(samples, on_bad_record, report))
+    columns = {"input_ids": [r[0].tolist() for r in rows], "labels": [r[1].tolist() for r in rows]}
+    return columns, report
 
 
 def labelled_runs(tok: Any, ids: list[int], labels: list[int]) -> list[str]:
@@ -387,8 +398,8 @@ def test_assistant_cut_entirely_by_truncation(tok: Any) -> None:
     assert columns["input_ids"] == [encode(tok, good, first)[0]]
     with pytest.raises(DataError, match=r"^long\.jsonl:12: no trainable tokens"):
         encode_all(tok, [conv, good], max_seq_len=first, on_bad_record="error")
-    with pytest.raises(DataError, match="no usable samples after tokenization"):
-        encode_all(tok, [conv], max_seq_len=first, on_bad_record="skip")
+    columns, report = encode_all(tok, [conv], max_seq_len=first, on_bad_record="skip")
+    assert columns["input_ids"] == [] and report.skipped == 1
 
 
 def test_encode_all_counts_truncated(tok: Any) -> None:
@@ -403,7 +414,7 @@ def test_encode_all_counts_truncated(tok: Any) -> None:
 # ----------------------------------------------------------------------------- collate
 
 
-def test_collate_right_pads_and_masks(tok: Any) -> None:
+def test_collate_right_pads_without_a_mask(tok: Any) -> None:
     pad = tok.pad_token_id
     rows = [
         {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]},
@@ -412,8 +423,8 @@ def test_collate_right_pads_and_masks(tok: Any) -> None:
     b = collate(rows, pad)
     assert b.input_ids.tolist() == [[5, 6, 7, pad, pad], [8, 9, 10, 11, 12]]
     assert b.labels.tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE], [IGNORE, IGNORE, 10, 11, IGNORE]]
-    assert b.attention_mask is not None
-    assert b.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    # right padding needs no mask (causal attention never looks right): fast SDPA path
+    assert b.attention_mask is None and b.position_ids is None
     assert b.input_ids.dtype == b.labels.dtype == torch.long
     assert b.n_targets == 4
     assert b.n_tokens == 8
@@ -436,12 +447,20 @@ def test_collate_equal_lengths_has_no_mask() -> None:
 # ----------------------------------------------------------------------------- sampler
 
 
-def make_cfg(micro: int, accum: int, *, seed: int = 0, shuffle: bool = True, epochs: int = 1):
+def make_cfg(
+    micro: int,
+    accum: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    epochs: int = 1,
+    batching: str = "padded",
+):
     return from_dict(
         {
             "seed": seed,
             "model": {"name_or_path": "unused"},
-            "data": {"train_files": ["unused.jsonl"], "shuffle": shuffle},
+            "data": {"train_files": ["unused.jsonl"], "shuffle": shuffle, "batching": batching},
             "batch": {"micro_batch_size": micro, "grad_accum": accum, "epochs": epochs},
             "checkpoint": {"output_dir": "unused"},
         }
@@ -452,15 +471,13 @@ def ctx(rank: int, world: int) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
 
 
-def synthetic(n: int, base: int = 0) -> datasets.Dataset:
+def synthetic(n: int, base: int = 0) -> Split:
     """Row i is [base+i]*3 so every sample's identity is readable from any token."""
     ids = [[base + i] * 3 for i in range(n)]
-    return datasets.Dataset.from_dict(
-        {"input_ids": ids, "labels": [[IGNORE, base + i, base + i] for i in range(n)]}
-    )
+    return Split.from_lists(ids, [[IGNORE, base + i, base + i] for i in range(n)])
 
 
-def step_samples(ds: datasets.Dataset, cfg: Config, world: int, step: int) -> list[int]:
+def step_samples(ds: Split, cfg: Config, world: int, step: int) -> list[int]:
     """Samples of one optimizer step, in rank order then micro-batch order."""
     out: list[int] = []
     for r in range(world):

@@ -1,18 +1,41 @@
-"""Data: records -> conversations -> tokens + labels -> per-rank batches."""
+"""Data: sources -> records -> samples (formats) -> tokens + labels (chat templates,
+masking) -> cached arrays -> splits (mixing, val split) -> per-rank batches (padded,
+packed or length-grouped; resumable order) and statistics."""
 
-from distft.data.loader import Batch, TrainBatches, collate, eval_batches, load_split
-from distft.data.records import Conversation, DataError, read_conversations
+from distft.data.formats import Completion, Conversation, Sample, Text, Tokens
+from distft.data.loader import (
+    Batch,
+    TrainBatches,
+    collate,
+    collate_rows,
+    eval_batches,
+    step_layout,
+)
+from distft.data.pipeline import DataSplits, check_records, prepare, read_conversations
+from distft.data.records import DataError
+from distft.data.stats import describe
+from distft.data.store import Split
 from distft.data.tokenize import IGNORE, encode
 
 __all__ = [
     "IGNORE",
     "Batch",
+    "Completion",
     "Conversation",
     "DataError",
+    "DataSplits",
+    "Sample",
+    "Split",
+    "Text",
+    "Tokens",
     "TrainBatches",
+    "check_records",
     "collate",
+    "collate_rows",
+    "describe",
     "encode",
     "eval_batches",
-    "load_split",
+    "prepare",
     "read_conversations",
+    "step_layout",
 ]

@@ -1,117 +1,264 @@
-"""Tokenized splits and the batches each rank sees.
+"""Batches: what each rank feeds the model for each optimizer step.
 
-Sample order is a pure function of (seed, epoch, global sample index): optimizer step `s`
-of an epoch consumes the global samples `[s*B, (s+1)*B)` of that epoch's permutation,
-where `B = micro_batch * grad_accum * world_size`. Rank `r` takes the r-th contiguous
-slice of that window, split into `grad_accum` micro-batches. The state needed to resume
-is therefore just the global step (or the global sample count).
+Three batching strategies (`data.batching`), all exact (a sample's loss and gradient do
+not depend on what it is batched with):
+
+- `padded`: a unit is one sample; a micro-batch is `micro_batch_size` samples, right-padded
+  to the longest. No attention mask: causal attention never looks right, so real tokens
+  never see the padding after them.
+- `packed`: a unit is a pack of samples (best-fit decreasing up to `max_seq_len` tokens);
+  a micro-batch is `micro_batch_size` packs. Positions restart at 0 for every sample and a
+  block-diagonal causal 4-D mask keeps samples from attending to each other (bool for
+  SDPA, additive float for eager). With `flash_attention_2` the packs of a micro-batch are
+  one row and the position ids alone select the varlen kernel.
+- `length_grouped`: a unit is a whole micro-batch of similar-length samples whose padded
+  size (rows x longest) is at most `micro_batch_size x max_seq_len` tokens.
+
+Order: optimizer step `s` of an epoch consumes units `[s*G, (s+1)*G)` of that epoch's unit
+order, `G = units per micro-batch x grad_accum x world_size`; rank `r` takes the r-th
+contiguous slice, split into `grad_accum` micro-batches. The unit order is a pure function
+of (seed, epoch), so the global step alone locates the exact position to resume from, and
+the global windows do not depend on how `G` is split across ranks. Every rank runs exactly
+`grad_accum` micro-batches per step (ZeRO-3 forwards are collective; DeepSpeed counts
+micro-steps); the loop normalises the loss by the step's global target count, so micro-
+batches of different sizes weigh exactly their target tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
-import datasets
 import numpy as np
 import torch
 
 from distft.config import Config
-from distft.data.records import DataError, read_conversations
-from distft.data.tokenize import IGNORE, encode_all
+from distft.data.packing import Units, best_fit_decreasing, length_groups, tie_shuffle
+from distft.data.records import DataError
+from distft.data.store import Split
+from distft.data.tokenize import IGNORE
 from distft.dist import DistContext
+
+Row = list[tuple[np.ndarray, np.ndarray]]  # the (ids, labels) samples of one row
 
 
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
-    attention_mask: torch.Tensor | None  # None when nothing is padded (fast SDPA path)
+    # None: one sample per row, right-padded (SDPA's fast causal path); 4-D: the
+    # block-diagonal causal mask of packed rows.
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None = None  # packed rows: restart at 0 per sample
+    n_tokens: int = 0  # real (non-pad) tokens
 
     @property
     def n_targets(self) -> int:
         """Tokens that contribute to the loss (labels are shifted by one)."""
         return int((self.labels[:, 1:] != IGNORE).sum())
 
-    @property
-    def n_tokens(self) -> int:
-        if self.attention_mask is None:
-            return self.input_ids.numel()
-        return int(self.attention_mask.sum())
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        out = {"input_ids": self.input_ids}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        return out
 
     def to(self, device: torch.device) -> Batch:
-        mask = None if self.attention_mask is None else self.attention_mask.to(device)
-        return Batch(self.input_ids.to(device), self.labels.to(device), mask)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            move(self.attention_mask),
+            move(self.position_ids),
+            self.n_tokens,
+        )
+
+
+def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa") -> Batch:
+    """Right-pad rows to the longest; a row of several samples is packed (isolated)."""
+    packed = any(len(r) > 1 for r in rows)
+    if packed and attn == "flash_attention_2":
+        rows = [[s for r in rows for s in r]]  # one row: varlen kernel from position ids
+    lengths = [sum(len(ids) for ids, _ in r) for r in rows]
+    n, width = len(rows), max(lengths)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    labels = np.full((n, width), IGNORE, dtype=np.int64)
+    pos = np.zeros((n, width), dtype=np.int64)
+    seg = np.zeros((n, width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        at = 0
+        for k, (s_ids, s_labels) in enumerate(row):
+            m = len(s_ids)
+            ids[i, at : at + m], labels[i, at : at + m] = s_ids, s_labels
+            pos[i, at : at + m], seg[i, at : at + m] = np.arange(m), k
+            at += m
+        pos[i, at:], seg[i, at:] = np.arange(width - at), len(row)  # padding: its own block
+    real = sum(lengths)
+    out_ids, out_labels = torch.from_numpy(ids), torch.from_numpy(labels)
+    if not packed:
+        # Right padding needs no mask: under causal attention no real token looks at the
+        # pads after it, and pads carry no labels. Loss and gradients are exact, and SDPA
+        # keeps its fast mask-free causal path.
+        return Batch(out_ids, out_labels, None, None, real)
+    position_ids = torch.from_numpy(pos)
+    if attn == "flash_attention_2":
+        return Batch(out_ids, out_labels, None, position_ids, real)
+    causal = np.tril(np.ones((width, width), dtype=bool))
+    block = (seg[:, :, None] == seg[:, None, :]) & causal
+    mask4 = torch.from_numpy(block[:, None])
+    if attn == "eager":  # eager attention adds the mask to the scores
+        mask4 = torch.zeros(mask4.shape).masked_fill_(~mask4, torch.finfo(torch.float32).min)
+    return Batch(out_ids, out_labels, mask4, position_ids, real)
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> Batch:
-    """Right-pad to the longest row; labels of padding are IGNORE."""
-    longest = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return Batch(ids, labels, None if bool(mask.all()) else mask)
-
-
-def load_split(cfg: Config, tokenizer: Any, files: list[str]) -> datasets.Dataset:
-    convs, read = read_conversations(files, cfg.data.format, cfg.data.on_bad_record)
-    columns, tok = encode_all(tokenizer, convs, cfg.data.max_seq_len, cfg.data.on_bad_record)
-    ds = datasets.Dataset.from_dict(columns)
-    ds.info.description = (
-        f"{read.records} records, {read.skipped + tok.skipped} skipped, {tok.truncated} truncated"
+    """Plain padded batch of `{"input_ids", "labels"}` rows (one sample per row)."""
+    return collate_rows(
+        [[(np.asarray(r["input_ids"]), np.asarray(r["labels"]))] for r in rows], pad_id
     )
-    return ds
+
+
+def resolve_batching(cfg: Config) -> str:
+    """`auto` picks per device. CPU, measured (bench/data_strategies.py): length-grouped
+    batches (little padding, and right padding needs no mask, so SDPA stays on its fast
+    causal path) beat packing, whose 4-D mask takes SDPA off that path, and padding. GPU,
+    not measured yet: with flash-attention, packing (varlen kernel, no padding, no
+    cross-sample attention); without it, length grouping, for SDPA's mask-free kernels."""
+    if cfg.data.batching != "auto":
+        return cfg.data.batching
+    if cfg.cluster.use_gpu and cfg.model.attn_implementation == "flash_attention_2":
+        return "packed"
+    return "length_grouped"
+
+
+def step_layout(cfg: Config, world_size: int) -> dict[str, int | str]:
+    """What fixes the sequence of global steps (with the seed and the data): the strategy,
+    units per optimizer step, and a unit's token budget. Equal layouts give the same
+    batches whatever the split across workers (for resuming on another world size)."""
+    batching, micro = resolve_batching(cfg), cfg.batch.micro_batch_size
+    per_micro = 1 if batching == "length_grouped" else micro
+    budget = {"packed": cfg.data.max_seq_len, "length_grouped": micro * cfg.data.max_seq_len}
+    return {
+        "batching": batching,
+        "units_per_step": per_micro * cfg.batch.grad_accum * world_size,
+        "unit_tokens": budget.get(batching, 0),
+    }
 
 
 class TrainBatches:
-    """The micro-batches of one rank for each optimizer step."""
+    """The micro-batches of one rank for each optimizer step (see the module docstring)."""
 
-    def __init__(self, ds: datasets.Dataset, cfg: Config, dist: DistContext, pad_id: int):
-        self.ds, self.pad_id, self.dist = ds, pad_id, dist
+    def __init__(self, split: Split, cfg: Config, dist: DistContext, pad_id: int):
+        self.split, self.pad_id, self.dist = split, pad_id, dist
         self.seed, self.shuffle = cfg.seed, cfg.data.shuffle
-        self.micro, self.accum = cfg.batch.micro_batch_size, cfg.batch.grad_accum
-        self.global_batch = self.micro * self.accum * dist.world_size
-        self.steps_per_epoch = len(ds) // self.global_batch
+        self.batching = resolve_batching(cfg)
+        self.attn, self.max_seq_len = cfg.model.attn_implementation, cfg.data.max_seq_len
+        micro, self.accum = cfg.batch.micro_batch_size, cfg.batch.grad_accum
+        self.per_micro = 1 if self.batching == "length_grouped" else micro
+        self.per_rank = self.per_micro * self.accum
+        self.global_batch = self.per_rank * dist.world_size  # units per optimizer step
+        lengths = split.lengths
+        if self.batching == "packed":
+            self._bins = best_fit_decreasing(lengths, cfg.data.max_seq_len)
+            n_units = len(self._bins)
+        elif self.batching == "length_grouped":
+            budget = micro * cfg.data.max_seq_len
+            self._bounds = length_groups(np.sort(lengths), budget)
+            n_units = len(self._bounds) - 1
+        else:
+            n_units = len(split)
+        self.units_per_epoch = n_units
+        self.steps_per_epoch = n_units // self.global_batch
         if self.steps_per_epoch == 0:
+            what = {"packed": "packs", "length_grouped": "micro-batches"}.get(self.batching)
+            made = f" ({n_units} {what})" if what else ""
             raise DataError(
-                f"{len(ds)} training samples are fewer than one global batch "
-                f"({self.micro} micro x {self.accum} accum x {dist.world_size} workers)"
+                f"{len(split)} training samples{made} are fewer than one global batch "
+                f"({self.per_micro} micro x {self.accum} accum x {dist.world_size} workers)"
             )
         self.total_steps = cfg.batch.max_steps or self.steps_per_epoch * cfg.batch.epochs
+        self._seen: dict[int, int] = {}
 
     @lru_cache(maxsize=2)  # noqa: B019 - two epochs alive at most; the object lives all run
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.ds))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))
+    def units(self, epoch: int) -> Units:
+        """This epoch's units in order: a pure function of (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        n = len(self.split)
+        if self.batching == "padded":
+            return Units.singletons(np.arange(n) if rng is None else rng.permutation(n))
+        lengths = self.split.lengths
+        if self.batching == "packed":
+            units = self._bins.remap(tie_shuffle(lengths, rng))
+        else:
+            key = np.arange(n) if rng is None else rng.random(n)
+            units = Units(np.lexsort((key, lengths)), self._bounds)
+        return units if rng is None else units.reorder(rng.permutation(len(units)))
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def for_step(self, step: int) -> list[Batch]:
+    def indices_for_step(self, step: int) -> list[list[np.ndarray]]:
+        """This rank's micro-batches of `step`: for each, its rows as sample indices."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        window = self._order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
-        per_rank = self.micro * self.accum
-        mine = window[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
-        rows = self.ds.select(mine.tolist())
+        units = self.units(epoch)
+        first = k * self.global_batch + self.dist.rank * self.per_rank
+        out = []
+        for j in range(self.accum):
+            picked = [
+                units.unit(u)
+                for u in range(first + j * self.per_micro, first + (j + 1) * self.per_micro)
+            ]
+            if self.batching == "length_grouped":
+                picked = [np.array([i]) for i in picked[0]]
+            out.append(picked)
+        return out
+
+    def for_step(self, step: int) -> list[Batch]:
         return [
-            collate([rows[i] for i in range(j * self.micro, (j + 1) * self.micro)], self.pad_id)
-            for j in range(self.accum)
+            collate_rows(
+                [[self.split.sample(int(i)) for i in row] for row in rows], self.pad_id, self.attn
+            )
+            for rows in self.indices_for_step(step)
         ]
 
+    def samples_seen(self, step: int) -> int:
+        """Global samples consumed by optimizer steps [0, step) (every rank agrees)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        for e in range(epoch):
+            if e not in self._seen:
+                self._seen[e] = int(self.units(e).bounds[self.steps_per_epoch * self.global_batch])
+        return sum(self._seen[e] for e in range(epoch)) + int(
+            self.units(epoch).bounds[k * self.global_batch]
+        )
 
-def eval_batches(ds: datasets.Dataset, micro: int, dist: DistContext, pad_id: int) -> list[Batch]:
-    """This rank's share of the eval split. Every rank gets the same number of batches
-    (ZeRO-3 forwards are collective); filler rows carry no targets."""
-    per_rank = -(-len(ds) // dist.world_size)
-    mine = list(range(dist.rank, len(ds), dist.world_size))
-    rows = [ds[i] for i in mine]
-    filler = {"input_ids": ds[0]["input_ids"][:2], "labels": [IGNORE, IGNORE]}
-    rows += [filler] * (per_rank - len(rows))
-    return [collate(rows[i : i + micro], pad_id) for i in range(0, per_rank, micro)]
+    def tensor_tokens(self, epoch: int = 0) -> tuple[int, int]:
+        """(real tokens, padded tensor cells) over all micro-batches of one epoch."""
+        units, lengths = self.units(epoch), self.split.lengths
+        used = self.steps_per_epoch * self.global_batch
+        bounds = units.bounds[: used + 1]
+        member_len = lengths[units.members[: bounds[-1]]]
+        unit_len = np.add.reduceat(member_len, bounds[:-1])
+        real = int(unit_len.sum())
+        if self.batching == "length_grouped":
+            longest = np.maximum.reduceat(member_len, bounds[:-1])
+            return real, int((longest * np.diff(bounds)).sum())
+        if self.batching == "packed" and self.attn == "flash_attention_2":
+            return real, real
+        per_micro = unit_len.reshape(-1, self.per_micro)
+        return real, int(per_micro.max(axis=1).sum() * self.per_micro)
+
+
+def eval_batches(split: Split, micro: int, dist: DistContext, pad_id: int) -> list[Batch]:
+    """This rank's share of the eval split, longest first (little padding). Every rank gets
+    the same number of batches (ZeRO-3 forwards are collective); filler rows carry no
+    targets. The result (a token-weighted mean) does not depend on the order."""
+    per_rank = -(-len(split) // dist.world_size)
+    by_length = np.argsort(-split.lengths, kind="stable")
+    rows: list[Row] = [[split.sample(int(i))] for i in by_length[dist.rank :: dist.world_size]]
+    filler_ids = split.sample(0)[0][:2]
+    rows += [[(filler_ids, np.full(len(filler_ids), IGNORE))]] * (per_rank - len(rows))
+    return [collate_rows(rows[i : i + micro], pad_id) for i in range(0, per_rank, micro)]

@@ -1,136 +1,130 @@
-"""Read JSON/JSONL record files and normalise every record to a chat conversation.
+"""Raw records from local files and folders (JSON, JSONL, Parquet, CSV) and from `datasets`
+hub names. Every record comes with where it was found (`file:line`), for error messages.
 
-Formats: instruction (`instruction`, optional `input`, `output`) and chat (`messages`: a
-list of `{role, content}`). A bad record raises `DataError("file:line: what is wrong")`,
-or is skipped and counted with `on_bad_record="skip"`.
+`where` is `file:line` for JSONL and CSV (the CSV line where the record ends), the 1-based
+position for a JSON array and for Parquet rows, and `hub-name[split]:row` for hub data.
+A line that cannot be parsed is yielded as a `DataError` so the caller can count or raise it.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from distft.errors import UserError
 
-ROLES = ("system", "user", "assistant")
-Format = Literal["auto", "instruction", "chat"]
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 class DataError(UserError):
-    """Unusable input data; the message names `file:line`."""
+    """Unusable input data; the message names `file:line` (or the config key)."""
 
 
-@dataclass(frozen=True)
-class Conversation:
-    source: str  # "file:line", for error messages
-    messages: list[dict[str, str]]
+Raw = tuple[str, Any]  # (where, record) where record may be a DataError
 
 
-@dataclass
-class ReadReport:
-    records: int = 0
-    skipped: int = 0
+def data_files(path: Path) -> list[Path]:
+    """A file as itself; a folder as its data files (recursive, sorted, no hidden ones)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: data file not found")
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix in SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(f"{path}: folder holds no {'/'.join(SUFFIXES)} files")
+    return files
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed JSON) for JSONL, or for each item of a JSON array."""
+def _text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
+
+
+def _json_records(path: Path) -> Iterator[Raw]:
+    """JSONL, or a JSON array in a `.json` file (items named by their 1-based position)."""
+    text = _text(path)
+    if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         for i, item in enumerate(items):
-            yield i + 1, item  # position in the array; no line info for a JSON document
+            yield f"{path}:{i + 1}", item
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as e:
-            yield lineno, DataError(f"{path}:{lineno}: invalid JSON ({e.msg})")
+            yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: invalid JSON ({e.msg})")
 
 
-def _detect(record: dict[str, Any]) -> Format:
-    if "messages" in record:
-        return "chat"
-    if "instruction" in record or "output" in record:
-        return "instruction"
-    raise ValueError("cannot tell the format: expected 'messages' or 'instruction'/'output'")
+def _csv_records(path: Path) -> Iterator[Raw]:
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:  # more cells than header columns
+            yield where, DataError(f"{where}: more values than the header has columns")
+        else:
+            yield where, row
 
 
-def _text(record: dict[str, Any], key: str, required: bool = True) -> str:
-    if key not in record or record[key] is None:
-        if required:
-            raise ValueError(f"missing field '{key}'")
-        return ""
-    value = record[key]
-    if not isinstance(value, str):
-        raise ValueError(f"field '{key}' must be a string, got {type(value).__name__}")
-    return value
+def _parquet_records(path: Path) -> Iterator[Raw]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    n = 0
+    for batch in reader.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            n += 1
+            yield f"{path}:{n}", row
 
 
-def _to_messages(record: Any, fmt: Format) -> list[dict[str, str]]:
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if fmt == "auto":
-        fmt = _detect(record)
-    if fmt == "instruction":
-        prompt = _text(record, "instruction")
-        extra = _text(record, "input", required=False)
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
-        return [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": _text(record, "output")},
-        ]
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("field 'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}].role: unknown role {role!r}; allowed: {ROLES}")
-        out.append({"role": role, "content": _text(m, "content")})
-    if not any(m["role"] == "assistant" for m in out):
-        raise ValueError("no assistant message: nothing to train on")
-    return out
+def file_records(path: Path) -> Iterator[Raw]:
+    if path.suffix == ".parquet":
+        return _parquet_records(path)
+    if path.suffix == ".csv":
+        return _csv_records(path)
+    return _json_records(path)
 
 
-def read_conversations(
-    files: list[str], fmt: Format = "auto", on_bad_record: str = "error"
-) -> tuple[list[Conversation], ReadReport]:
-    """All records of `files`, in order, as conversations."""
-    report = ReadReport()
-    out: list[Conversation] = []
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise DataError(f"{path}: data file not found")
-        for lineno, raw in _iter_raw(path):
-            source = f"{path}:{lineno}"
-            try:
-                if isinstance(raw, DataError):
-                    raise raw
-                out.append(Conversation(source, _to_messages(raw, fmt)))
-                report.records += 1
-            except (ValueError, DataError) as e:
-                if on_bad_record != "skip":
-                    msg = str(e) if isinstance(e, DataError) else f"{source}: {e}"
-                    raise DataError(msg) from None
-                report.skipped += 1
-    if not out:
-        raise DataError(f"{', '.join(files)}: no usable records")
-    return out, report
+def hub_records(name: str, subset: str | None, split: str, revision: str | None) -> Iterator[Raw]:
+    """Rows of a `datasets` hub dataset (or a local dataset directory given by name)."""
+    ds = load_hub(name, subset, split, revision)
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}]:{i + 1}", row
+
+
+def load_hub(name: str, subset: str | None, split: str, revision: str | None) -> Any:
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        return datasets.load_dataset(name, subset, split=split, revision=revision)
+    except (ConnectionError, DatasetNotFoundError, FileNotFoundError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"{name}: hub dataset is not in the local cache and could not be downloaded "
+            f"({reason}); download it on a machine with network access first"
+        ) from None
+    except ValueError as e:  # e.g. an unknown split or subset
+        raise DataError(f"{name}: {str(e).splitlines()[0]}") from None

@@ -1,85 +1,239 @@
-"""Conversation -> token ids + labels, with loss only on assistant turns.
+"""Samples -> token ids + labels (IGNORE = -100 where there is no loss).
 
-The conversation is rendered once with the tokenizer's chat template. Each assistant turn
-is the character span between the render of the turns before it (with the generation
-prompt) and the render including it, so the turn's end-of-turn token is trained too.
-Tokens whose character offsets fall inside an assistant span get labels; all others get
-IGNORE (-100). Tokenizing the whole string once keeps BPE merges identical to inference.
+Conversations are rendered once with the chat template. Each assistant turn is the
+character span between the render of the turns before it (with the generation prompt)
+and the render including it, so the turn's end-of-turn token is trained too. Tokens whose
+character offsets fall inside a trained span get labels. Tokenizing the whole string once
+keeps BPE merges identical to inference. `train_on` picks the spans: every assistant turn,
+the last one only, or everything. Plain text is tokenized with the tokenizer's special
+tokens (BOS) and trained entirely. A prompt is tokenized with the special tokens and its
+completion apart, as at inference (no token straddles the boundary); the completion is
+trained. Both end with EOS, which is trained. Pre-tokenized samples keep their labels
+(default: all tokens). Position 0 never has a label: no token predicts
+it, and in a packed sequence it must not be predicted from the previous sample.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from distft.data.records import Conversation, DataError
+import numpy as np
+
+from distft.data.formats import Completion, Conversation, Sample, Tokens
+from distft.data.records import DataError
+from distft.data.templates import TemplateError, chat_template
 
 IGNORE = -100
+CHUNK = 256  # samples per tokenizer call (the fast tokenizer batches in Rust)
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    max_seq_len: int
+    train_on: str = "assistant"  # assistant | last_assistant_turn | all
+    too_long: str = "truncate"  # truncate | drop
+    template: str | None = None  # Jinja chat template; None: the tokenizer's
 
 
 @dataclass
 class TokenizeReport:
     truncated: int = 0
+    dropped: int = 0
     skipped: int = 0
+    first_skipped: list[str] = field(default_factory=list, compare=False)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], gen_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
+def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool, template: str | None) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=gen, chat_template=template
+    )
 
 
-def assistant_spans(tokenizer: Any, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the [start, end) character spans of assistant turns."""
-    text = _render(tokenizer, conv.messages, gen_prompt=False)
+def conversation_spans(
+    tokenizer: Any, conv: Conversation, train_on: str = "assistant", template: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the [start, end) character spans that are trained."""
+    text = _render(tokenizer, conv.messages, False, template)
+    if train_on == "all":
+        return text, [(0, len(text))]
     spans = []
     for i, m in enumerate(conv.messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, conv.messages[:i], gen_prompt=True)
-        upto = _render(tokenizer, conv.messages[: i + 1], gen_prompt=False)
+        before = _render(tokenizer, conv.messages[:i], True, template)
+        upto = _render(tokenizer, conv.messages[: i + 1], False, template)
         if not (text.startswith(upto) and upto.startswith(before)):
             raise DataError(
                 f"{conv.source}: the chat template is not prefix-consistent, so assistant "
                 "turns cannot be located for label masking"
             )
         spans.append((len(before), len(upto)))
-    return text, spans
+    return text, spans[-1:] if train_on == "last_assistant_turn" else spans
+
+
+def _labels(ids: np.ndarray, offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = off[:, 0], off[:, 1]
+    span_start = np.array([a for a, _ in spans], dtype=np.int64)
+    span_end = np.array([b for _, b in spans], dtype=np.int64)
+    k = np.searchsorted(span_start, start, side="right") - 1
+    inside = (k >= 0) & (end > start)
+    inside[inside] &= end[inside] <= span_end[k[inside]]
+    return np.where(inside, ids, IGNORE).astype(np.int32)
+
+
+class Encoder:
+    """Encodes samples in chunks; truncates or drops over-long ones and counts them."""
+
+    def __init__(self, tokenizer: Any, settings: EncodeSettings):
+        self.tok, self.s = tokenizer, settings
+        self.eos = tokenizer.eos_token_id
+        self.vocab = len(tokenizer)
+
+    def _finish(
+        self, sample: Sample, ids: np.ndarray, labels: np.ndarray, report: TokenizeReport
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        labels[:1] = IGNORE
+        truncated = len(ids) > self.s.max_seq_len
+        if truncated and self.s.too_long == "drop":
+            report.dropped += 1
+            return None
+        ids, labels = ids[: self.s.max_seq_len], labels[: self.s.max_seq_len]
+        if not (labels != IGNORE).any():
+            why = "after truncation to max_seq_len" if truncated else "in the trained turns"
+            raise DataError(f"{sample.source}: no trainable tokens {why}")
+        report.truncated += truncated
+        return ids, labels
+
+    def _tokens(self, t: Tokens) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(t.input_ids, dtype=np.int64)
+        labels = ids if t.labels is None else np.asarray(t.labels, dtype=np.int64)
+        bad_ids = np.flatnonzero((ids < 0) | (ids >= self.vocab))
+        bad_labels = np.flatnonzero(((labels < 0) & (labels != IGNORE)) | (labels >= self.vocab))
+        for name, arr, bad in (("input_ids", ids, bad_ids), ("labels", labels, bad_labels)):
+            if len(bad):
+                raise DataError(
+                    f"{t.source}: {name}[{bad[0]}]: token id {arr[bad[0]]} is outside the "
+                    f"vocabulary (size {self.vocab})"
+                )
+        return ids.astype(np.int32), labels.astype(np.int32)
+
+    def _tokenize(self, texts: list[str], special: bool, offsets: bool = False) -> Any:
+        return self.tok(
+            texts,
+            add_special_tokens=special,
+            return_offsets_mapping=offsets,
+            verbose=False,  # no 'longer than model_max_length' warning: we truncate
+        )
+
+    def _with_eos(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.eos is None or (len(ids) and ids[-1] == self.eos):
+            return ids, labels
+        eos = np.array([self.eos], dtype=np.int32)
+        return np.concatenate([ids, eos]), np.concatenate([labels, eos])
+
+    def _chunk(self, chunk: list[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Encoded (ids, labels) of each sample, in order; DataError if one is bad."""
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(chunk)
+        chats: list[tuple[int, str, list[tuple[int, int]]]] = []
+        texts: list[tuple[int, str]] = []
+        completions: list[tuple[int, Completion]] = []
+        for i, sample in enumerate(chunk):
+            if isinstance(sample, Tokens):
+                out[i] = self._tokens(sample)
+            elif isinstance(sample, Conversation):
+                if self.s.template is None:
+                    chat_template(self.tok, "tokenizer")  # TemplateError: the tokenizer has none
+                text, spans = conversation_spans(self.tok, sample, self.s.train_on, self.s.template)
+                chats.append((i, text, spans))
+            elif isinstance(sample, Completion):
+                completions.append((i, sample))
+            else:
+                texts.append((i, sample.text))
+        as_array = partial(np.asarray, dtype=np.int32)
+        if chats:
+            enc = self._tokenize([t for _, t, _ in chats], special=False, offsets=True)
+            for (i, _, spans), ids, offsets in zip(
+                chats, enc["input_ids"], enc["offset_mapping"], strict=True
+            ):
+                out[i] = (as_array(ids), _labels(as_array(ids), offsets, spans))
+        if texts:
+            enc = self._tokenize([t for _, t in texts], special=True)
+            for (i, _), ids in zip(texts, enc["input_ids"], strict=True):
+                out[i] = self._with_eos(as_array(ids), as_array(ids))
+        if completions:  # tokenized apart, as at inference: no token straddles the boundary
+            prompts = self._tokenize([c.prompt for _, c in completions], special=True)
+            answers = self._tokenize([c.completion for _, c in completions], special=False)
+            for (i, _), p, a in zip(
+                completions, prompts["input_ids"], answers["input_ids"], strict=True
+            ):
+                ids = as_array(p + a)
+                hidden = len(p) if self.s.train_on != "all" else 0
+                labels = np.concatenate([np.full(hidden, IGNORE, np.int32), ids[hidden:]])
+                out[i] = self._with_eos(ids, labels)
+        return [x for x in out if x is not None]
+
+    def encode_many(
+        self, samples: Iterable[Sample], on_bad_record: str, report: TokenizeReport
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, labels) int32 arrays for each usable sample, in order."""
+        chunk: list[Sample] = []
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == CHUNK:
+                yield from self._encode_chunk(chunk, on_bad_record, report)
+                chunk = []
+        if chunk:
+            yield from self._encode_chunk(chunk, on_bad_record, report)
+
+    def _encode_chunk(
+        self, chunk: list[Sample], on_bad_record: str, report: TokenizeReport
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        try:
+            encoded = list(zip(chunk, self._chunk(chunk), strict=True))
+        except TemplateError:
+            raise
+        except DataError:  # find the bad one(s): one sample at a time
+            encoded = []
+            for sample in chunk:
+                try:
+                    encoded += [(sample, self._chunk([sample])[0])]
+                except DataError as e:
+                    self._bad(e, on_bad_record, report)
+        for sample, (ids, labels) in encoded:
+            try:
+                done = self._finish(sample, ids, labels, report)
+            except DataError as e:
+                self._bad(e, on_bad_record, report)
+                continue
+            if done is not None:
+                yield done
+
+    @staticmethod
+    def _bad(e: DataError, on_bad_record: str, report: TokenizeReport) -> None:
+        if on_bad_record != "skip":
+            raise e
+        report.skipped += 1
+        if len(report.first_skipped) < 3:
+            report.first_skipped.append(str(e))
 
 
 def encode(
-    tokenizer: Any, conv: Conversation, max_seq_len: int
+    tokenizer: Any,
+    sample: Sample,
+    max_seq_len: int,
+    *,
+    train_on: str = "assistant",
+    template: str | None = None,
 ) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated). Raises DataError if nothing is left to train on."""
-    text, spans = assistant_spans(tokenizer, conv)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
-    labels = [IGNORE] * len(ids)
-    for t, (s, e) in enumerate(enc["offset_mapping"]):
-        if e > s and any(a <= s and e <= b for a, b in spans):
-            labels[t] = ids[t]
-    truncated = len(ids) > max_seq_len
-    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    if all(x == IGNORE for x in labels[1:]):
-        why = "after truncation to max_seq_len" if truncated else "in the assistant turns"
-        raise DataError(f"{conv.source}: no trainable tokens {why}")
-    return ids, labels, truncated
-
-
-def encode_all(
-    tokenizer: Any, convs: list[Conversation], max_seq_len: int, on_bad_record: str
-) -> tuple[dict[str, list[list[int]]], TokenizeReport]:
+    """(input_ids, labels, truncated) of one sample. Raises DataError if nothing is left to
+    train on. (Training goes through `Encoder.encode_many`: the same code, in chunks.)"""
+    enc = Encoder(tokenizer, EncodeSettings(max_seq_len, train_on, "truncate", template))
+    ids, labels = enc._chunk([sample])[0]
     report = TokenizeReport()
-    columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for conv in convs:
-        try:
-            ids, labels, truncated = encode(tokenizer, conv, max_seq_len)
-        except DataError:
-            if on_bad_record != "skip":
-                raise
-            report.skipped += 1
-            continue
-        report.truncated += truncated
-        columns["input_ids"].append(ids)
-        columns["labels"].append(labels)
-    if not columns["input_ids"]:
-        raise DataError("no usable samples after tokenization")
-    return columns, report
+    done = enc._finish(sample, ids, labels, report)
+    assert done is not None  # too_long="truncate" never drops
+    return done[0].tolist(), done[1].tolist(), bool(report.truncated)

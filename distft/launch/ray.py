@@ -7,7 +7,9 @@ worker's own error message.
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,11 @@ class TrainingFailed(Exception):
 def _worker_env() -> dict[str, str]:
     """Env vars the workers need from the driver (never secrets)."""
     keep = (
-        "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE",
+        "TORCH_EXTENSIONS_DIR",
+        "DS_ACCELERATOR",
+        "WANDB_DIR",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
         "DISTFT_FAULT",  # distft.faults: crash-safety tests only
     )
     env = {k: os.environ[k] for k in keep if k in os.environ}
@@ -39,16 +45,21 @@ def init_ray(cfg: Config) -> None:
         return
     runtime_env: dict[str, Any] = {"env_vars": _worker_env()}
     if cfg.cluster.address is None:
+        # "local": always a private instance. Without it, ray.init() joins whatever
+        # cluster a `ray start` on this machine last recorded in /tmp/ray.
         ray.init(
+            address="local",
             include_dashboard=True,
             dashboard_host=cfg.cluster.dashboard_host,
             runtime_env=runtime_env,
             log_to_driver=True,
             configure_logging=True,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
         )
     else:
-        ray.init(address=cfg.cluster.address, runtime_env=runtime_env, logging_level="WARNING")
+        ray.init(
+            address=cfg.cluster.address, runtime_env=runtime_env, logging_level=logging.WARNING
+        )
 
 
 def launch(cfg: Config) -> None:
@@ -65,7 +76,8 @@ def launch(cfg: Config) -> None:
         resources["GPU"] = c.gpus_per_worker
     trainer = TorchTrainer(
         run_worker,
-        train_loop_config={"config": cfg},
+        # launch_id: the same for every restart of the worker group within this process
+        train_loop_config={"config": cfg, "launch_id": uuid.uuid4().hex[:12]},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=c.num_workers,

@@ -1,0 +1,1 @@
+"""distft benchmarks: `python -m bench` (CPU suite) and `python bench/gpu.py` (one GPU)."""

@@ -1,0 +1,119 @@
+"""Where a training step's time goes: py-spy samples of rank 0, distft beside the
+hand-written DeepSpeed loop, on the P1 workload (tiny Llama, 2 workers, ZeRO-2 fp32).
+
+    python -m bench.profile [--steps 400] [--seconds 15] [--out DIR]
+
+Each contender runs long enough for py-spy (`--idle`, so waits in collectives count too)
+to sample `--seconds` of steady-state steps; the table gives each direct callee of the
+loop's function (distft's `train`, the baseline's `main`) as a share of the loop's samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench import harness as h
+from bench.samples import fixed_samples, write_jsonl
+from bench.suites import GLOBAL_BATCH, Setup, distft_config
+
+PY_SPY = str(Path(h.PYTHON).with_name("py-spy"))
+_SITE = re.compile(r"\(/\S*?site-packages/")
+
+
+def breakdown(raw: Path, anchor: str) -> dict[str, float]:
+    """Share of the samples under the frame matching `anchor`, by its direct callee."""
+    by_callee: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        at = next((i for i, f in enumerate(frames) if anchor in f), None)
+        if at is not None:
+            below = [f for f in frames[at + 1 :] if "instrument_w_nvtx" not in f]  # decorator
+            callee = below[0] if below else "(self)"
+            by_callee[_SITE.sub("(", re.sub(r":\d+\)", ")", callee))] += int(count)
+    total = sum(by_callee.values()) or 1
+    return {k: v / total for k, v in by_callee.most_common()}
+
+
+def record(proc: subprocess.Popen, find_pid, log: Path, seconds: int, out: Path) -> Path:
+    """Wait for the contender's 20th step, then sample its rank 0 for `seconds`."""
+    deadline = time.time() + 600
+    pid = None
+    while pid is None:
+        if proc.poll() is not None or time.time() > deadline:
+            raise h.BenchError(f"contender ended before it could be profiled; see {log}")
+        time.sleep(1)  # polling a log file for a line; nothing to wait on directly
+        pid = find_pid(log.read_text())
+    raw = out.with_suffix(".raw")
+    cmd = [PY_SPY, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--idle",
+           "-f", "raw", "-o", str(raw)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    proc.wait()
+    return raw
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seconds", type=int, default=15)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if not shutil.which(PY_SPY):
+        raise SystemExit("py-spy is not installed: pip install py-spy (the dev extra has it)")
+    from distft.assets import build_tiny_assets
+
+    root = args.out or Path(tempfile.mkdtemp(prefix="distft-profile-"))
+    s = Setup(root, build_tiny_assets(root / "tiny"), 1)
+    data = write_jsonl(
+        root / "fixed128.jsonl", fixed_samples(args.steps * GLOBAL_BATCH, 128, 512, 0)
+    )
+    out = root / "distft"
+    cfg = distft_config(
+        out, s.assets.model_dir, data, batch={"max_steps": args.steps},
+        data={"max_seq_len": 128, "batching": "padded", "shuffle": False},
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = out / "train.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([h.DISTFT, "train", str(out / "bench-config.yaml")], cwd=h.REPO,
+                                stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def distft_pid(text: str) -> int | None:
+        m = re.search(r"RayTrainWorker pid=(\d+)\)\S* \[distft\] step +20/", text)
+        return int(m.group(1)) if m else None
+
+    shares = {"distft": breakdown(record(proc, distft_pid, log, args.seconds, out), "train (")}
+    hand_log = root / "hand.log"
+    cmd = [h.PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={h.free_port()}", "-m", "bench.ds_loop",
+           "--model", str(s.assets.model_dir), "--data", str(data),
+           "--out", str(root / "hand.json"), "--steps", str(args.steps), "--print-pid"]  # fmt: skip
+    with hand_log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=h.REPO, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+    def hand_pid(text: str) -> int | None:
+        m = re.search(r"RANK0_PID (\d+) step 20\b", text)
+        return int(m.group(1)) if m else None
+
+    shares["hand"] = breakdown(record(proc, hand_pid, hand_log, args.seconds, root / "hand"),
+                               "main (bench/ds_loop.py")  # fmt: skip
+    for name, by_callee in shares.items():
+        print(f"\n{name}: share of rank 0's loop samples by direct callee")
+        for callee, share in list(by_callee.items())[:12]:
+            print(f"  {100 * share:5.1f}%  {callee}")
+
+
+if __name__ == "__main__":
+    main()

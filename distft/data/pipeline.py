@@ -1,0 +1,149 @@
+"""Config -> cached tokenized sources -> the train and eval splits.
+
+`prepare` is what a worker calls: the first process of each node (local rank 0) builds
+the missing cache entries under a file lock, everybody waits at a barrier, then every
+rank memory-maps the entries. A builder that fails raises its own `DataError`; the ranks
+waiting at the barrier are then stopped by the launcher, so the run reports that error.
+
+Mixing: a train source of n usable samples with weight w contributes round(w x n) samples
+per epoch: every sample floor(w) times, plus a seeded subset for the fraction. With
+`val_fraction`, a seeded subset of each train source is held out as eval data first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distft.config import Config, DataConfig
+from distft.data.cache import (
+    BuildResult,
+    CacheContext,
+    SourceSpec,
+    build_entry,
+    cache_root,
+    is_checked,
+    load_entry,
+    source_specs,
+)
+from distft.data.formats import ReadReport, Sample, parse
+from distft.data.records import DataError, data_files, file_records
+from distft.data.store import Split
+from distft.data.templates import chat_template
+from distft.data.tokenize import EncodeSettings
+from distft.dist import DistContext
+
+
+@dataclass
+class DataSplits:
+    train: Split
+    eval: Split | None
+    metas: list[dict[str, Any]] = field(default_factory=list)  # train sources, then eval
+
+
+def cache_context(cfg: Config, tokenizer: Any) -> CacheContext:
+    d = cfg.data
+    if d.chat_template == "tokenizer":
+        template = getattr(tokenizer, "chat_template", None) or None
+    else:
+        template = chat_template(tokenizer, d.chat_template)
+    settings = EncodeSettings(d.max_seq_len, d.train_on, d.too_long, template)
+    return CacheContext.create(tokenizer, settings, d.on_bad_record, cache_root(d))
+
+
+def _all_specs(data: DataConfig) -> list[SourceSpec]:
+    return source_specs(data, "train") + source_specs(data, "eval")
+
+
+def build(
+    cfg: Config, tokenizer: Any, log: Callable[[str], None] = lambda _: None
+) -> list[BuildResult]:
+    """Build every missing cache entry of the config's sources (train, then eval)."""
+    ctx = cache_context(cfg, tokenizer)
+    results = []
+    for spec in _all_specs(cfg.data):
+        result = build_entry(spec, ctx)
+        m = result.meta
+        if result.built:
+            rate = m["tokens"] / max(m["build_seconds"], 1e-9)
+            log(f"preprocessed {spec.label}: {m['samples']:,} samples, {m['tokens']:,} tokens "
+                f"in {m['build_seconds']:.1f}s ({rate:,.0f} tokens/s)")  # fmt: skip
+        results.append(result)
+    return results
+
+
+def _weighted(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
+    whole = int(weight)
+    count = max(1, round(weight * n))
+    extra = np.sort(rng.choice(n, size=count - whole * n, replace=False))
+    return np.concatenate([np.tile(np.arange(n), whole), extra]).astype(np.int64)
+
+
+def load(cfg: Config, tokenizer: Any) -> DataSplits:
+    """Memory-map the cached sources and assemble the train and eval splits."""
+    ctx = cache_context(cfg, tokenizer)
+    trains, evals, metas = [], [], []
+    for i, spec in enumerate(source_specs(cfg.data, "train")):
+        arrays, meta = load_entry(spec, ctx)
+        metas.append(meta)
+        rows = np.arange(len(arrays))
+        rng = np.random.default_rng([cfg.seed, 1, i])
+        if cfg.data.val_fraction:
+            n_val = max(1, round(cfg.data.val_fraction * len(arrays)))
+            if n_val >= len(arrays):
+                raise DataError(
+                    f"{spec.label}: {len(arrays)} samples are too few to hold out "
+                    f"data.val_fraction={cfg.data.val_fraction} for eval"
+                )
+            held = np.zeros(len(arrays), dtype=bool)
+            held[rng.choice(len(arrays), size=n_val, replace=False)] = True
+            evals.append(Split([arrays]).select(rows[held]))
+            rows = rows[~held]
+        trains.append(Split([arrays]).select(rows[_weighted(len(rows), spec.weight, rng)]))
+    for spec in source_specs(cfg.data, "eval"):
+        arrays, meta = load_entry(spec, ctx)
+        metas.append(meta)
+        evals.append(Split([arrays]))
+    return DataSplits(Split.concat(trains), Split.concat(evals) if evals else None, metas)
+
+
+def prepare(cfg: Config, tokenizer: Any, dist: DistContext) -> DataSplits:
+    """Build (local rank 0 of each node), wait, load (every rank)."""
+    if dist.local_rank == 0:
+        build(cfg, tokenizer, dist.log)
+    dist.barrier()
+    return load(cfg, tokenizer)
+
+
+def check_records(data: DataConfig) -> None:
+    """Parse every record of the local sources (no tokenizer): bad records fail here,
+    before any worker starts. Sources whose exact files were parsed before are skipped;
+    hub datasets are left to the workers (reading them may need a download)."""
+    root = cache_root(data)
+    for spec in _all_specs(data):
+        if spec.hub is None and not is_checked(root, spec, data.on_bad_record):
+            report = ReadReport()
+            for _ in parse(spec.raws(), spec.format, spec.fields, data.on_bad_record, report,
+                           spec.max_samples):  # fmt: skip
+                pass
+            if report.records == 0:
+                raise DataError(f"{spec.label}: no usable records")
+
+
+def read_conversations(
+    files: list[str],
+    fmt: str = "auto",
+    on_bad_record: str = "error",
+    fields: dict[str, str] | None = None,
+) -> tuple[list[Sample], ReadReport]:
+    """All records of `files` (files or folders), in order, as samples."""
+    report = ReadReport()
+    raws = (raw for name in files for f in data_files(Path(name)) for raw in file_records(f))
+    out = list(parse(raws, fmt, fields, on_bad_record, report))
+    if not out:
+        raise DataError(f"{', '.join(files)}: no usable records")
+    return out, report

@@ -1,0 +1,153 @@
+"""Writing a Hugging Face folder: safetensors shards + index, config, generation config
+and the tokenizer with the run's chat template. Used by `distft export` and at the end of
+training, so both write the same layout:
+
+    full model   model.safetensors, or model-0000i-of-0000n.safetensors + the index
+                 model.safetensors.index.json; config.json (dtype = the exported dtype),
+                 generation_config.json, tokenizer files with the run's chat template
+    LoRA         adapter_config.json, adapter_model.safetensors, README.md (peft's card),
+                 tokenizer files
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distft.config import Config
+from distft.errors import UserError
+from distft.model import _with_lora, load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_SHARD_SIZE = "5GB"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+ADAPTER = "adapter_model.safetensors"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_UNITS.update(KIB=2**10, MIB=2**20, GIB=2**30)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]I?B|B)?\s*", text.upper())
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--max-shard-size: expected a size like 5GB or 500MB (got {text!r})")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+class WeightWriter:
+    """Safetensors shards named as transformers names them, plus the index if sharded.
+    Tensor names are put back into the checkpoint format of the architecture (transformers
+    renames or fuses some weights on load and reverts that on save; so do we)."""
+
+    def __init__(self, out: Path, n_shards: int, model: Any):
+        self.out, self.n, self.model = out, n_shards, model
+        self.written, self.total = 0, 0
+        self.weight_map: dict[str, str] = {}
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        try:
+            from transformers.core_model_loading import revert_weight_conversion
+
+            tensors = revert_weight_conversion(self.model, tensors)
+        except ImportError:  # transformers < 5 converts nothing
+            pass
+        self.written += 1
+        name = WEIGHTS if self.n == 1 else f"model-{self.written:05d}-of-{self.n:05d}.safetensors"
+        save_file(
+            {k: t.contiguous() for k, t in tensors.items()}, self.out / name, {"format": "pt"}
+        )
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.total += sum(t.nbytes for t in tensors.values())
+
+    def close(self) -> None:
+        if self.written != self.n:
+            raise RuntimeError(f"wrote {self.written} of {self.n} shards")
+        if self.n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+            (self.out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def hf_config(cfg: Config) -> Any:
+    """The base model's transformers config."""
+    from transformers import AutoConfig
+
+    m = cfg.model
+    return AutoConfig.from_pretrained(
+        m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision
+    )
+
+
+def write_metadata(out: Path, cfg: Config, tokenizer: Any, dtype: torch.dtype | None) -> None:
+    """Tokenizer files and, for full models (`dtype` given), config.json and
+    generation_config.json of the base model."""
+    from transformers import GenerationConfig
+
+    if dtype is not None:
+        config = hf_config(cfg)
+        config.dtype = dtype
+        config.save_pretrained(out)
+        try:
+            gen = GenerationConfig.from_pretrained(
+                cfg.model.name_or_path, revision=cfg.model.revision or "main"
+            )
+        except OSError:  # the base model ships none
+            gen = GenerationConfig.from_model_config(config)
+        gen.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def training_tokenizer(cfg: Config, tokenizer: Any | None = None) -> Any:
+    """The run's tokenizer, carrying the chat template its data was rendered with."""
+    from distft.data.templates import chat_template
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    tokenizer.chat_template = chat_template(tokenizer, cfg.data.chat_template)
+    return tokenizer
+
+
+def meta_model(cfg: Config, lora: bool) -> Any:
+    """The architecture without weights (meta device): names, shapes, the LoRA layout."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            hf_config(cfg), trust_remote_code=cfg.model.trust_remote_code
+        )
+    return _with_lora(model, cfg) if lora else model
+
+
+def base_model(cfg: Config, dtype: torch.dtype = torch.float32) -> Any:
+    """The base model's weights, as training started from them."""
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    return AutoModelForCausalLM.from_pretrained(
+        m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision
+    )
+
+
+def with_lora(model: Any, cfg: Config) -> Any:
+    """`model` with the run's (freshly initialised) LoRA adapters: the same code as training."""
+    return _with_lora(model, cfg)
+
+
+def lora_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if ".lora_" in n]
+
+
+def weights_of(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters (tied ones once) and persistent buffers, in module order."""
+    persistent = set(model.state_dict().keys())
+    params = list(model.named_parameters())
+    return params + [(n, b) for n, b in model.named_buffers() if n in persistent]
+
+
+def max_positions(config: Any) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or 64)
