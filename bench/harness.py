@@ -10,6 +10,7 @@ each optimizer step by the contender itself (distft: `metrics.jsonl`; baselines:
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import statistics
@@ -32,15 +33,24 @@ class BenchError(RuntimeError):
     pass
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: int = 900) -> float:
-    """Run to completion with output in `log`; the wall time. Raises with the log's tail."""
-    import os
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment with the venv's bin first on PATH, as Ray gives its workers: every
+    contender then finds the same `ninja`. DeepSpeed JIT-builds its CPU shm-comm op with
+    whichever is on PATH, and the venv's ninja (1.13) and Debian's (1.11) hash build
+    commands differently, so alternating them rebuilds the op (a minute of CPU) each time."""
+    path = f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **(extra or {})}
 
+
+def _run(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: int = 1800
+) -> float:
+    """Run to completion with output in `log`; the wall time. Raises with the log's tail."""
     t0 = time.time()
     with log.open("w") as f:
         proc = subprocess.run(
             cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False,
-            env={**os.environ, **(env or {})},
+            env=child_env(env),
         )  # fmt: skip
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
@@ -188,8 +198,6 @@ def dd_seconds(target: Path, n_bytes: int) -> float:
 
 
 def machine() -> str:
-    import os
-
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
          if ln.startswith("model name")), "unknown CPU",

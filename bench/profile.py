@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import shutil
 import subprocess
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "train.log"
     with log.open("w") as f:
         proc = subprocess.Popen([h.DISTFT, "train", str(out / "bench-config.yaml")], cwd=h.REPO,
-                                stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+                                stdout=f, stderr=subprocess.STDOUT, env=h.child_env())  # fmt: skip
 
     def distft_pid(text: str) -> int | None:
         m = re.search(r"RayTrainWorker pid=(\d+)\)\S* \[distft\] step +20/", text)
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
            "--out", str(root / "hand.json"), "--steps", str(args.steps), "--print-pid"]  # fmt: skip
     with hand_log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=h.REPO, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                                env=h.child_env({"OMP_NUM_THREADS": "1"}))  # fmt: skip
 
     def hand_pid(text: str) -> int | None:
         m = re.search(r"RANK0_PID (\d+) step 20\b", text)

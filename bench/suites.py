@@ -229,7 +229,9 @@ def p5_startup(s: Setup, p1: dict[str, Any]) -> dict[str, Any]:
         f"cfg = load({str(cfg_path)!r}); t = time.time(); init_ray(cfg)\n"
         "print('RAY_INIT', time.time() - t); import ray; ray.shutdown()"
     )
-    out = subprocess.run([h.PYTHON, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [h.PYTHON, "-c", code], capture_output=True, text=True, check=True, env=h.child_env()
+    )
     ray_init = float(out.stdout.split("RAY_INIT")[1].split()[0])
     runs = p1["runs"]
     totals = [r.first_step_at(1) for r in runs]
