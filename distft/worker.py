@@ -67,6 +67,8 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     fresh = TrainState(world_size=dist.world_size, fingerprint=fingerprint(cfg))
     state = ckpts.restore(engine, cfg, fresh)
     logger = make_logger(cfg, dist, resumed_at=state.step)
+    run_id_file = cfg.output_dir / "wandb_run_id"  # written by make_logger on rank 0
+    state.wandb_run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
     if state.step == 0:
         logger.log(data_stats, 0)
     laps.append(("restore+logger", time.perf_counter()))
