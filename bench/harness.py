@@ -47,6 +47,11 @@ def _run(
 ) -> float:
     """Run to completion with output in `log`; the wall time. Raises with the log's tail."""
     t0 = time.time()
+    print(
+        f"[bench] {time.strftime('%H:%M:%S')} {Path(cmd[0]).name} ... -> {log}",
+        file=sys.stderr,
+        flush=True,
+    )
     with log.open("w") as f:
         proc = subprocess.run(
             cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False,
