@@ -102,7 +102,7 @@ def train(
             "train/step_time_s": dt,
             "train/target_tokens_per_s": global_targets / dt,
             "train/tokens_per_s": global_tokens / dt,
-            "train/samples_seen": step * data.global_batch,
+            "train/samples_seen": data.samples_seen(step),
             "train/epoch": step / data.steps_per_epoch,
             **perf.metrics(dt, global_tokens, global_flops, peak_mem),
         }

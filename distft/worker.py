@@ -84,7 +84,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     def on_step_end(step: int, metrics: dict[str, float]) -> bool:
         """Checkpoint cadence and early stops; True stops the loop (all ranks agree)."""
         state.step, state.epoch = step, batches.epoch_of(step)
-        state.samples_seen = step * batches.global_batch
+        state.samples_seen = batches.samples_seen(step)
         state.eval_loss = metrics.get("eval/loss", state.eval_loss)
         if dist.any(preempt.requested(cfg.output_dir)):
             stopped_by.append("preemption")
