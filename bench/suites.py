@@ -75,9 +75,11 @@ def p1_overhead(s: Setup, steps: int = 100) -> dict[str, Any]:
 
 
 def scaling(s: Setup, p1: dict[str, Any], steps: int = 100) -> dict[str, Any]:
-    """Steps/s of distft with 1 worker (micro 4 x accum 4) against the 2-worker P1 runs
-    (micro 4 x accum 2 x 2): the same global batch of 16 sequences."""
-    one = []
+    """Steps/s with 1 worker (micro 4 x accum 4) against the 2-worker P1 runs (micro 4 x
+    accum 2 x 2): the same global batch of 16 sequences; distft and the hand-written loop,
+    alternating. With one worker there are no collectives, so distft/hand at 1 worker
+    separates the per-step cost of distft's own collectives from everything else."""
+    one, hand_one = [], []
     for i in range(max(1, min(2, s.repeats))):
         out = s.root / "scaling" / f"w1_{i}"
         cfg = distft_config(
@@ -86,7 +88,13 @@ def scaling(s: Setup, p1: dict[str, Any], steps: int = 100) -> dict[str, Any]:
             batch={"max_steps": steps, "grad_accum": 4}, cluster={"num_workers": 1},
         )  # fmt: skip
         one.append(h.steps_per_s(h.run_distft(cfg, out).step_times()))
-    return {"one_sps": one, "two_sps": p1["distft_sps"]}
+        result = s.root / "scaling" / f"hand_w1_{i}.json"
+        args = ["--model", str(s.assets.model_dir), "--data", str(p1["data"]),
+                "--out", str(result), "--steps", str(steps), "--accum", "4"]  # fmt: skip
+        h.run_torchrun("bench.ds_loop", args, 1, s.root / "scaling" / f"hand_w1_{i}.log")
+        hand_one.append(h.steps_per_s(json.loads(result.read_text())["step_times"]))
+    return {"one_sps": one, "two_sps": p1["distft_sps"], "hand_one_sps": hand_one,
+            "hand_two_sps": p1["hand_sps"]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------- P2

@@ -132,13 +132,15 @@ def test_cpu_table_has_one_row_per_measurement() -> None:
                "fresh_restore_s": 1.0, "resume_restore_s": 2.0},
         "p5": {"total_s": [30.0], "cli_s": 3.0, "ray_init_s": 5.0, "ray_train_workers_s": 10.0,
                "phases_s": {"dist init": 0.2, "data": 3.0}, "first_step_s": 0.1},
-        "scaling": {"one_sps": [5.0], "two_sps": [9.0]},
+        "scaling": {"one_sps": [5.0], "two_sps": [9.0], "hand_one_sps": [5.0],
+                    "hand_two_sps": [10.0]},
     }  # fmt: skip
     table = render(res)
     assert "| 0.980 | >= 0.97 |" in table  # P1 ratio of medians: 9.9 / 10.1
     assert "best HF Trainer `group_by_length`" in table and "| 1.20x | >= 1.2x |" in table
     assert "| -0.100 | <= baseline |" in table
-    assert "1.80x (90% efficiency)" in table
+    assert "| 1.80x (90% efficiency) | hand-written loop 2.00x (100%) | 0.90 |" in table
+    assert "| 5.00 | hand-written DeepSpeed loop 5.00 | 1.000 |" in table
     assert len([ln for ln in table.splitlines() if ln.startswith("| P5 . ")]) == 6
     widths = {ln.count("|") for ln in table.splitlines()}
     assert widths == {6}
