@@ -41,8 +41,8 @@ test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check distft tests
-	$(VENV)/bin/ruff format --check distft tests
+	$(VENV)/bin/ruff check distft tests bench
+	$(VENV)/bin/ruff format --check distft tests bench
 	$(VENV)/bin/mypy
 
 clean:

@@ -2,7 +2,9 @@
 
 Same model files, same pre-tokenized samples (in file order, rank r taking the r-th
 contiguous slice of each global batch, as distft does with `data.shuffle: false`), same
-ZeRO settings and optimizer as distft's generated config; no metrics beyond a timestamp
+ZeRO settings, optimizer (AdamW, weight decay on >= 2-D weights only: two parameter
+groups) and lr schedule (warmup + cosine, stepped by DeepSpeed) as distft's generated
+config: what a careful hand-written fine-tuning loop does. No metrics beyond a timestamp
 per step. Run under torchrun, one process per worker:
 
     python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
@@ -28,7 +30,7 @@ from bench.samples import read_jsonl  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     import deepspeed
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--print-pid", action="store_true", help="for bench.profile: at step 20")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--print-pid", action="store_true", help="for bench.where_time_goes: at step 20")
     args = p.parse_args(argv)
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
@@ -50,7 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.tensor([r["labels"] for r in rows])
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
     config = {
         "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": args.accum,
@@ -65,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
             "allgather_bucket_size": 500_000_000,
         },
     }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
+    )
     engine.train()
 
     per_rank, global_batch = args.micro * args.accum, args.micro * args.accum * world

@@ -114,14 +114,20 @@ def hash_files(paths: list[Path]) -> str:
 
 def fingerprint(cfg: Config) -> dict[str, str]:
     """Hashes of what shapes the training trajectory, by name. Logging, cluster layout,
-    checkpoint cadence and `batch.stop_after_steps` are left out on purpose."""
+    checkpoint cadence, the cache location and `batch.stop_after_steps` are left out on
+    purpose: the batch enters as the data layer's step layout, which is equal for every
+    split of the same global step into micro-batches x accumulation x workers."""
+    from distft.data.cache import source_specs
+    from distft.data.loader import step_layout
+    from distft.data.records import data_files
+
     d = cfg.redacted()
-    b = cfg.batch  # the split into micro x accum x workers does not change the trajectory
     batch = {
-        "global_batch": b.micro_batch_size * b.grad_accum * cfg.cluster.num_workers,
-        "epochs": b.epochs,
-        "max_steps": b.max_steps,
+        "layout": step_layout(cfg, cfg.cluster.num_workers),
+        "epochs": cfg.batch.epochs,
+        "max_steps": cfg.batch.max_steps,
     }
+    data = {k: v for k, v in d["data"].items() if k != "cache_dir"}
 
     def h(obj: Any) -> str:
         return xxhash.xxh3_64_hexdigest(json.dumps(obj, sort_keys=True, default=str).encode())
@@ -133,10 +139,15 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         "batch": h(batch),
         "deepspeed": h(d["deepspeed"]),
         "seed": h(d["seed"]),
-        "data_config": h(d["data"]),
+        "data_config": h(data),
     }
-    files = [Path(f) for f in cfg.data.train_files + cfg.data.eval_files]
-    out["data_files"] = hash_files([f for f in files if f.is_file()])
+    local = [
+        Path(s.path)
+        for which in ("train", "eval")
+        for s in source_specs(cfg.data, which)
+        if s.path is not None and Path(s.path).exists()
+    ]
+    out["data_files"] = hash_files([f for p in local for f in data_files(p)])
     tok_dir = Path(cfg.model.tokenizer or cfg.model.name_or_path)
     if tok_dir.is_dir():
         out["tokenizer"] = hash_files([p for p in tok_dir.glob("*token*") if p.is_file()])
@@ -165,7 +176,7 @@ class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state: dict[str, Any] = {
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -277,7 +288,7 @@ class CheckpointCoordinator:
         hashes = self._hash_spread(staging, names, sync=True)
         final = self.root / tag
         if self.dist.is_main:
-            files = {
+            files: dict[str, dict[str, Any]] = {
                 n: {"size": (staging / n).stat().st_size, "xxh3_128": hashes[n]} for n in names
             }
             manifest = {
@@ -316,10 +327,16 @@ class CheckpointCoordinator:
                 shutil.rmtree(old, ignore_errors=True)
 
     # -- load
-    def restore(self, engine: Any, cfg: Config, fresh: TrainState) -> TrainState:
+    def restore(
+        self, engine: Any, cfg: Config, fresh: TrainState, restarted: bool = False
+    ) -> TrainState:
         """Resume per `checkpoint.resume`, or return `fresh` when there is nothing to
-        resume. Refuses a checkpoint whose fingerprint differs unless allowed."""
+        resume. Refuses a checkpoint whose fingerprint differs unless allowed. A worker
+        group `restarted` after a failure continues from this run's newest checkpoint
+        once it has one, whatever `resume` says."""
         resume = cfg.checkpoint.resume
+        if restarted and self.committed():
+            resume = "auto"
         if resume == "never" and self.committed():
             raise CheckpointError(
                 f"checkpoint.resume: 'never', but {self.root} already holds checkpoints; "

@@ -19,6 +19,9 @@ the full score matrix, not its causal half, so MFU compares with published figur
 
 LoRA: the frozen base still runs forward (2N) and back-propagates through activations
 (2N) but computes no weight gradients; the adapters' own N_lora weights cost 6*N_lora.
+
+distft's loop runs the LM head (d*V of N) only at positions with a target
+(distft.objective), so its steps count the head per target token, not per token.
 Only real tokens count (padding is wasted work, not model FLOPs); a packed row counts each
 of its samples as its own sequence (attention is isolated). Activation recomputation
 (gradient checkpointing) is not counted: MFU counts model FLOPs, not hardware FLOPs.
@@ -41,6 +44,7 @@ import torch
 
 if TYPE_CHECKING:
     from distft.config import Config
+    from distft.data.loader import StepTotals
     from distft.dist import DistContext
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's data
@@ -69,6 +73,7 @@ class FlopCounter:
 
     dense_per_token: float
     attn_per_token_ctx: float
+    head_per_token: float = 0.0  # the LM head's part of dense_per_token
 
     def sequence(self, s: int) -> float:
         """FLOPs of one training pass over one sequence of `s` tokens."""
@@ -120,8 +125,15 @@ def model_shape(config: Any) -> tuple[int, int, int]:
 def flop_counter(config: Any, lora_params: int | None = None) -> FlopCounter:
     """Full fine-tuning (`lora_params=None`) or LoRA with `lora_params` adapter weights."""
     n, layers, attn_width = model_shape(config)
+    config = getattr(config, "text_config", None) or config
+    head = float(_get(config, "hidden_size", "n_embd", "d_model") * _get(config, "vocab_size"))
+    per_weight = 6.0 if lora_params is None else 4.0  # a frozen head: no weight gradient
     dense = 6.0 * n if lora_params is None else 4.0 * n + 6.0 * lora_params
-    return FlopCounter(dense_per_token=dense, attn_per_token_ctx=12.0 * layers * attn_width)
+    return FlopCounter(
+        dense_per_token=dense,
+        attn_per_token_ctx=12.0 * layers * attn_width,
+        head_per_token=per_weight * head,
+    )
 
 
 def sequence_lengths(batch: Any, pad_id: int | None = None) -> torch.Tensor:
@@ -185,13 +197,12 @@ class Throughput:
         rank: int,
         world: int,
         device: torch.device,
-        pad_id: int | None = None,
     ):
         self.counter, self.peak = counter, peak
-        self.rank, self.world, self.device, self.pad_id = rank, world, device, pad_id
+        self.rank, self.world, self.device = rank, world, device
 
     @classmethod
-    def for_run(cls, cfg: Config, model: Any, dist: DistContext, pad_id: int | None) -> Throughput:
+    def for_run(cls, cfg: Config, model: Any, dist: DistContext) -> Throughput:
         """From the run config and the built (possibly peft-wrapped) model; logs on rank 0
         what MFU is measured against."""
         from distft.model import count_params
@@ -209,13 +220,18 @@ class Throughput:
             dist.log(
                 f"model FLOPs/token {counter.dense_per_token:.3g} + attention; MFU vs {against}"
             )
-        return cls(counter, peak, dist.rank, dist.world_size, dist.device, pad_id)
+        return cls(counter, peak, dist.rank, dist.world_size, dist.device)
 
-    def flops(self, batches: list[Any]) -> float:
-        """Model FLOPs of this rank's micro-batches (0 when they cannot be counted)."""
+    def flops(self, totals: StepTotals) -> float:
+        """Model FLOPs of one optimizer step over all ranks (0 when they cannot be counted):
+        every sample is its own sequence, padding is not counted, the head runs per target."""
         if self.counter is None:
             return 0.0
-        return sum(self.counter.batch(b, self.pad_id) for b in batches)
+        c = self.counter
+        body = (c.dense_per_token - c.head_per_token) * totals.tokens
+        return (
+            body + c.head_per_token * totals.targets + c.attn_per_token_ctx * totals.squared_lengths
+        )
 
     def memory_by_rank(self) -> list[float]:
         """This rank's peak memory (GiB) at its index, zeros elsewhere: summed over ranks

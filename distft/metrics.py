@@ -54,7 +54,7 @@ class WandbLogger:
             name=w.name,
             id=run_id,
             resume="allow",
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # wandb_mode() returns one of its literals
             dir=str(cfg.output_dir),
             config=cfg.redacted(),
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),

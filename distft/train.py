@@ -8,9 +8,13 @@ Loss normalisation (per optimizer step, over *global* target tokens):
     DeepSpeed averages gradients over the W data-parallel ranks, so each rank
     back-propagates  l_rj = S_rj * W / T  (with scale_wrt_gas=False, no 1/G scaling):
         grad = (1/W) * sum_r sum_j grad(l_rj) = (1/T) * sum_rj grad(S_rj) = grad(L).
-    T is known before the first backward of the step: each rank counts the targets of
-    its G micro-batches and one all-reduce sums them. A padded or short micro-batch
+    T is known before the first backward of the step without any communication: the
+    batch order is a pure function of (seed, epoch, step), so every rank sums the targets
+    of every rank's samples (`TrainBatches.step_totals`). A padded or short micro-batch
     therefore weighs exactly its token count, whatever the (micro x accum x world) split.
+
+Communication per step beyond DeepSpeed's own: one all-reduce after the optimizer step
+(loss for the metrics, each rank's peak memory, and the vote to stop).
 """
 
 from __future__ import annotations
@@ -20,27 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from distft.config import Config
 from distft.data import Batch, TrainBatches
 from distft.dist import DistContext
 from distft.flops import Throughput
 from distft.metrics import MetricsLogger
-
-
-def nll_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over the batch's target tokens, and their count."""
-    logits = model(**batch.model_inputs()).logits  # ids, mask, position ids (packed)
-    logits = logits[:, :-1].float()
-    targets = batch.labels[:, 1:]
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return loss, int((targets != -100).sum())
+from distft.objective import nll_sum
 
 
 @torch.no_grad()
@@ -50,8 +40,7 @@ def evaluate(engine: Any, batches: list[Batch], dist: DistContext) -> float:
     engine.module.eval()
     total = count = 0.0
     for b in batches:
-        s, n = nll_sum(engine, b.to(dist.device))
-        total, count = total + s.item(), count + n
+        total, count = total + nll_sum(engine, b.to(dist.device)).item(), count + b.n_targets
     engine.module.train(was_training)
     total, count = dist.sum([total, count])
     return total / max(count, 1.0)
@@ -65,46 +54,46 @@ def train(
     eval_data: list[Batch],
     logger: MetricsLogger,
     start_step: int,
-    on_step_end: Callable[[int, dict[str, float]], bool],
+    stop_requested: Callable[[], bool],
+    on_step_end: Callable[[int, dict[str, float], bool], bool],
 ) -> dict[str, float]:
-    """Run optimizer steps `start_step..data.total_steps`. `on_step_end(step, metrics)`
-    (checkpoints, preemption) returns True to stop early. Returns the last step's metrics."""
+    """Run optimizer steps `start_step..data.total_steps`. `stop_requested()` is this
+    rank's wish to stop (preemption), agreed on in the step's all-reduce;
+    `on_step_end(step, metrics, any_rank_asked_to_stop)` (checkpoints, early stops) returns
+    True to stop. Returns the last step's metrics."""
     world = dist.world_size
     progress = _progress(dist, data.total_steps, cfg.logging.every_n_steps)
-    perf = Throughput.for_run(cfg, engine.module, dist, data.pad_id)  # FLOPs, MFU, memory
+    perf = Throughput.for_run(cfg, engine.module, dist)  # FLOPs, MFU, memory
     engine.module.train()
     summary: dict[str, float] = {}
     step = start_step
     while step < data.total_steps:
         t0 = time.perf_counter()
         micro_batches = [b.to(dist.device) for b in data.for_step(step)]
-        local_targets = sum(b.n_targets for b in micro_batches)
-        local_tokens = sum(b.n_tokens for b in micro_batches)
-        local_flops = perf.flops(micro_batches)
-        global_targets, global_tokens, global_flops = dist.sum(
-            [local_targets, local_tokens, local_flops]
-        )
+        totals = data.step_totals(step)  # all ranks' targets: computed, not communicated
+        scale = world / totals.targets
 
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=dist.device)
         for b in micro_batches:
-            s, _ = nll_sum(engine, b)
-            engine.backward(s * (world / global_targets), scale_wrt_gas=False)
+            s = nll_sum(engine, b)
+            engine.backward(s * scale, scale_wrt_gas=False)
             engine.step()  # DeepSpeed steps the optimizer and lr at the accumulation boundary
-            loss_sum += s.item()
+            loss_sum += s.detach()  # no host sync per micro-batch
         step += 1
 
-        loss_total, *peak_mem = dist.sum([loss_sum, *perf.memory_by_rank()])
+        local = [loss_sum.item(), float(stop_requested()), *perf.memory_by_rank()]
+        loss_total, stop_votes, *peak_mem = dist.sum(local)
         dt = time.perf_counter() - t0
         metrics = {
-            "train/loss": loss_total / global_targets,
+            "train/loss": loss_total / totals.targets,
             "train/lr": engine.get_lr()[0],
             "train/grad_norm": _grad_norm(engine),
             "train/step_time_s": dt,
-            "train/target_tokens_per_s": global_targets / dt,
-            "train/tokens_per_s": global_tokens / dt,
+            "train/target_tokens_per_s": totals.targets / dt,
+            "train/tokens_per_s": totals.tokens / dt,
             "train/samples_seen": data.samples_seen(step),
             "train/epoch": step / data.steps_per_epoch,
-            **perf.metrics(dt, global_tokens, global_flops, peak_mem),
+            **perf.metrics(dt, totals.tokens, perf.flops(totals), peak_mem),
         }
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
             metrics["eval/loss"] = evaluate(engine, eval_data, dist)
@@ -112,7 +101,7 @@ def train(
             logger.log(metrics, step)
         progress(step, metrics)
         summary = metrics
-        if on_step_end(step, metrics):
+        if on_step_end(step, metrics, stop_votes > 0):
             break
     return summary
 

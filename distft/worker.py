@@ -34,7 +34,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     t_start = time.perf_counter()
     dist = distmod.init(cfg.cluster.use_gpu)
     laps = [("dist init", time.perf_counter())]  # start-up phases, for the "ready" line
-    preflight(cfg.output_dir, dist, train_loop_config.get("launch_id"))  # shared dir, restarts
+    restarts = preflight(cfg.output_dir, dist, train_loop_config.get("launch_id"))
     laps.append(("preflight", time.perf_counter()))
     seed_everything(cfg.seed)
 
@@ -65,7 +65,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         cfg.output_dir / "checkpoints", dist, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best
     )
     fresh = TrainState(world_size=dist.world_size, fingerprint=fingerprint(cfg))
-    state = ckpts.restore(engine, cfg, fresh)
+    state = ckpts.restore(engine, cfg, fresh, restarted=restarts > 0)
     logger = make_logger(cfg, dist, resumed_at=state.step)
     run_id_file = cfg.output_dir / "wandb_run_id"  # written by make_logger on rank 0
     state.wandb_run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
@@ -81,12 +81,13 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
 
     stopped_by: list[str] = []
 
-    def on_step_end(step: int, metrics: dict[str, float]) -> bool:
-        """Checkpoint cadence and early stops; True stops the loop (all ranks agree)."""
+    def on_step_end(step: int, metrics: dict[str, float], preempted: bool) -> bool:
+        """Checkpoint cadence and early stops; True stops the loop (the same on all ranks:
+        `preempted` is the loop's all-reduced vote)."""
         state.step, state.epoch = step, batches.epoch_of(step)
         state.samples_seen = batches.samples_seen(step)
         state.eval_loss = metrics.get("eval/loss", state.eval_loss)
-        if dist.any(preempt.requested(cfg.output_dir)):
+        if preempted:
             stopped_by.append("preemption")
         elif step == cfg.batch.stop_after_steps and step < batches.total_steps:
             stopped_by.append("batch.stop_after_steps")
@@ -95,7 +96,10 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             ckpts.save(engine, state)
         return bool(stopped_by)
 
-    train(cfg, dist, engine, batches, evals, logger, state.step, on_step_end)
+    def stop_requested() -> bool:
+        return preempt.requested(cfg.output_dir)
+
+    train(cfg, dist, engine, batches, evals, logger, state.step, stop_requested, on_step_end)
     if stopped_by:
         dist.log(f"stopped at step {state.step} ({stopped_by[0]}); checkpoint committed")
         logger.close()

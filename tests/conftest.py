@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,3 +20,11 @@ def cluster_reference(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory
     from tests.cluster_run import reference_run
 
     return reference_run(tiny, tmp_path_factory.mktemp("cluster_reference") / "run")
+
+
+@pytest.fixture(scope="session")
+def trained(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """ZeRO-2 full, ZeRO-3 full and ZeRO-3 LoRA runs (tests/reference_runs.py), by name."""
+    from tests.reference_runs import train_all
+
+    return train_all(tiny, Path(tmp_path_factory.mktemp("trained")))

@@ -233,6 +233,7 @@ def test_two_workers_to_one_resumes_through_universal_checkpoint(
     assert mine.keys() == theirs.keys()
     for step in mine:
         assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
+
     def seen(run: Path) -> list[float]:
         return [r["train/samples_seen"] for r in read_metrics(run) if "train/samples_seen" in r]
 

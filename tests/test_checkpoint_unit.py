@@ -150,6 +150,35 @@ def test_fingerprint_tracks_trajectory_not_layout(tmp_path: Path) -> None:
     assert "batch" in fingerprint_changes(base, fingerprint(bigger))
 
 
+def test_fingerprint_follows_the_step_layout_of_each_batching(tmp_path: Path) -> None:
+    """Padded batches of 2 x 4 accum hold the same samples as 4 x 2; length-grouped
+    micro-batches are token budgets of micro x max_seq_len, so a smaller micro-batch with
+    more accumulation is a different trajectory."""
+
+    def fp(batching: str, micro: int, accum: int) -> dict[str, str]:
+        cfg = _cfg(tmp_path, micro_batch_size=micro, grad_accum=accum)
+        cfg.data.batching = batching  # type: ignore[assignment]
+        return fingerprint(cfg)
+
+    assert fingerprint_changes(fp("padded", 4, 2), fp("padded", 2, 4)) == []
+    assert fingerprint_changes(fp("packed", 4, 2), fp("packed", 2, 4)) == []
+    assert fingerprint_changes(fp("length_grouped", 4, 2), fp("length_grouped", 2, 4)) == ["batch"]
+    moved = _cfg(tmp_path)
+    moved.data.cache_dir = str(tmp_path / "elsewhere")
+    assert fingerprint_changes(fingerprint(_cfg(tmp_path)), fingerprint(moved)) == []
+
+
+def test_fingerprint_hashes_files_inside_data_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    cfg = _cfg(tmp_path)
+    cfg.data.train_files = [str(folder)]
+    before = fingerprint(cfg)
+    (folder / "a.jsonl").write_text('{"instruction": "a", "output": "B"}\n')
+    assert fingerprint_changes(before, fingerprint(cfg)) == ["data_files"]
+
+
 def test_preempt_flag_and_signal_handler(tmp_path: Path) -> None:
     import os
     import signal

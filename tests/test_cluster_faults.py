@@ -35,9 +35,10 @@ def test_sigkilled_worker_restarts_and_matches_uninterrupted_run(
     kill_step, victim = rng.randrange(EVERY + 2, STEPS - 4), rng.randrange(2)
     where = f"kill after step >= {kill_step}, rank {victim}"
     out = tmp_path / "run"
-    cfg = cluster_config(
-        tiny, out, checkpoint={"every_n_steps": EVERY, "keep_last": 2}, cluster={"max_failures": 1}
-    )
+    # resume: never forbids resuming someone else's checkpoints, not this run's own after
+    # a restart
+    ckpt = {"every_n_steps": EVERY, "keep_last": 2, "resume": "never"}
+    cfg = cluster_config(tiny, out, checkpoint=ckpt, cluster={"max_failures": 1})
     proc = subprocess.Popen(
         [DISTFT, "train", str(cfg)],
         cwd=REPO,
@@ -68,6 +69,7 @@ def test_sigkilled_worker_restarts_and_matches_uninterrupted_run(
     assert len({s["launch_id"] for s in starts}) == 1
     assert killed_pid not in {w["pid"] for w in starts[1]["workers"]}
     assert "restart 1 of this launch after a worker failure" in stdout, stdout[-4000:]
+    assert "restarting the workers (1 of 1)" in stdout, stdout[-4000:]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", stdout)]
     assert len(resumed) == 1, (where, stdout[-4000:])
     # the newest checkpoint committed before the kill (the one at the kill may be torn)

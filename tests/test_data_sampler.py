@@ -174,3 +174,39 @@ def test_eval_batches_cover_the_split_once(n: int, world: int, micro: int) -> No
     assert sorted(real) == list(range(base, base + n))  # each eval sample exactly once
     assert fillers == world * per_rank - n
     assert targets == 2 * n  # filler rows add no targets
+
+
+@pytest.mark.parametrize("batching", ["padded", "packed", "length_grouped"])
+def test_step_totals_equal_the_sum_of_every_ranks_micro_batches(batching: str) -> None:
+    """The loss normaliser is computed, not all-reduced: it must equal what the ranks'
+    micro-batches hold, for every strategy, including the labels a packed row masks at
+    each sample start (a sample's first token is never predicted from the previous one)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids, labels = [], []
+    for i in range(60):
+        n = int(rng.integers(4, 30))
+        ids.append([1 + i % 7] * n)
+        # all-token training: the first label is a real token too, as `from_lists` allows
+        labels.append([1 + i % 7] * n if i % 3 == 0 else [IGNORE] * (n // 2) + [5] * (n - n // 2))
+    split = Split.from_lists(ids, labels)
+    world = 2
+    for micro, accum in [(2, 2), (1, 3)]:
+        cfg = make_cfg(micro, accum, batching=batching, epochs=2)
+        cfg.data.max_seq_len = 64
+        ranks = [TrainBatches(split, cfg, ctx(r, world), pad_id=0) for r in range(world)]
+        for step in range(ranks[0].total_steps):
+            batches = [b for tb in ranks for b in tb.for_step(step)]
+            totals = ranks[0].step_totals(step)
+            assert totals == ranks[1].step_totals(step)
+            assert totals.targets == sum(b.n_targets for b in batches), (micro, accum, step)
+            assert totals.tokens == sum(b.n_tokens for b in batches)
+            lengths = [
+                len(s_ids)
+                for tb in ranks
+                for rows in tb.indices_for_step(step)
+                for row in rows
+                for s_ids in (split.sample(int(i))[0] for i in row)
+            ]
+            assert totals.squared_lengths == sum(n * n for n in lengths)

@@ -30,26 +30,9 @@ from distft.errors import UserError
 from distft.export import export_checkpoint, verify_export
 from distft.hf_folder import parse_size
 from distft.verify import VerificationFailed
-from tests.support import run_cli, tiny_config, write_config
+from tests.reference_runs import LORA_R, RUNS, TrainedRun
+from tests.support import run_cli
 
-ZERO3_SHARD_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-RUNS = {
-    "zero2_full": {"deepspeed": {"zero_stage": 2, "precision": "fp32"}},
-    "zero3_full": {
-        "deepspeed": {"zero_stage": 3, "precision": "fp32", "ds_config": ZERO3_SHARD_ALL}
-    },
-    "zero3_lora": {
-        "deepspeed": {"zero_stage": 3, "precision": "fp32", "ds_config": ZERO3_SHARD_ALL},
-        "lora": {
-            "enabled": True,
-            "r": 8,
-            "alpha": 16,
-            "dropout": 0.0,
-            "target_modules": "all-linear",
-        },
-        "optim": {"lr": 2e-2, "warmup_steps": 0},
-    },
-}
 DELTA = re.compile(r"max \|Δ\| ([0-9.e+-]+)")
 
 # Runs in a fresh interpreter: loads folders as a user without distft would. Arguments:
@@ -112,23 +95,15 @@ def reported_delta(text: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Train each config once (3 optimizer steps, no eval) and keep its run dir."""
-    out = {}
-    for name, sections in RUNS.items():
-        run = tmp_path_factory.mktemp(name) / "run"
-        cfg = tiny_config(tiny, run, **sections)
-        cfg["batch"]["max_steps"] = 3
-        cfg["data"]["eval_files"] = []
-        cfg["logging"]["wandb"]["mode"] = "disabled"
-        proc = run_cli("train", str(write_config(run.parent / "config.yaml", cfg)))
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-3000:]
+def runs(trained: dict[str, TrainedRun]) -> dict[str, Path]:
+    """The shared reference runs (tests/reference_runs.py): each rank 0 checked its
+    `final/` against the live engine, and the run wrote its report."""
+    for r in trained.values():
+        log = r.proc.stdout + r.proc.stderr
         final_line = [line for line in log.splitlines() if "final model written" in line]
         assert final_line and reported_delta(final_line[0]) <= 1e-5, final_line
-        assert (run / "report.html").is_file() and "report: " in proc.stdout
-        out[name] = run
-    return out
+        assert (r.out / "report.html").is_file() and "report: " in r.proc.stdout
+    return {name: r.out for name, r in trained.items()}
 
 
 @pytest.mark.slow
@@ -159,15 +134,15 @@ def test_full_export_is_sharded_verified_and_equals_final(
 
 @pytest.mark.slow
 def test_lora_adapter_export_loads_in_peft_and_equals_final(
-    runs: dict[str, Path], tiny: Any, tmp_path: Path
+    runs: dict[str, Path], trained: dict[str, TrainedRun], tiny: Any, tmp_path: Path
 ) -> None:
     run, dest = runs["zero3_lora"], tmp_path / "adapter"
-    proc = export(str(run / "checkpoints" / "step_00000003"), "--out", str(dest))
+    proc = export(str(trained["zero3_lora"].latest_checkpoint()), "--out", str(dest))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert reported_delta(proc.stdout) <= 1e-5
     assert "the adapter moves the base model's logits" in proc.stdout
     config = json.loads((dest / "adapter_config.json").read_text())
-    assert config["r"] == 8 and config["base_model_name_or_path"] == str(tiny.model_dir)
+    assert config["r"] == LORA_R and config["base_model_name_or_path"] == str(tiny.model_dir)
     ours, final = weights(dest), weights(run / "final")
     assert len(ours) == 2 * 7 * 2  # lora_A + lora_B for 7 linear layers x 2 blocks
     assert ours.keys() == final.keys()
@@ -204,10 +179,10 @@ def test_bf16_export_is_the_fp32_masters_rounded(runs: dict[str, Path], tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_consolidation_equals_deepspeeds_reader(name: str, runs: dict[str, Path]) -> None:
+def test_consolidation_equals_deepspeeds_reader(name: str, trained: dict[str, TrainedRun]) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ckpt = runs[name] / "checkpoints" / "step_00000003"
+    ckpt = trained[name].latest_checkpoint()
     lora = "lora" in name
     layout = read_layout(ckpt, trainable_only=lora)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -262,11 +237,14 @@ def test_an_identity_adapter_fails_verification(runs: dict[str, Path], tmp_path:
 
 
 @pytest.mark.slow
-def test_corrupted_checkpoint_is_one_line_exit_2(runs: dict[str, Path], tmp_path: Path) -> None:
-    src = runs["zero3_full"]
+def test_corrupted_checkpoint_is_one_line_exit_2(
+    trained: dict[str, TrainedRun], tmp_path: Path
+) -> None:
+    src = trained["zero3_full"]
     run = tmp_path / "run"
-    shutil.copytree(src, run, ignore=shutil.ignore_patterns("ray", "final", "report*"))
-    shard = run / "checkpoints" / "step_00000003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shutil.copytree(src.out, run, ignore=shutil.ignore_patterns("ray", "final", "report*"))
+    ckpt = run / "checkpoints" / src.latest_checkpoint().name
+    shard = ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -27,6 +27,7 @@ from tests.support import read_metrics, run_cli, tiny_config, wandb_history, wri
 PER_LAYER = 64 * 64 + 2 * (64 * 2 * 16) + 64 * 64 + 3 * 64 * 128  # q, k+v, o, gate/up/down
 N_TINY = 2 * PER_LAYER + 64 * 512  # + LM head = 106_496
 ATTN_TINY = 12 * 2 * 4 * 16  # 12 * L * H * Q = 1536
+HEAD_TINY = 64 * 512  # d * V
 
 
 def tiny_hf_config(**kw: Any) -> Any:
@@ -48,7 +49,7 @@ def test_tiny_model_shape_and_full_finetune_flops_by_hand() -> None:
     assert N_TINY == 106_496
     assert model_shape(tiny_hf_config()) == (N_TINY, 2, 64)
     counter = flop_counter(tiny_hf_config())
-    assert counter == FlopCounter(6.0 * N_TINY, float(ATTN_TINY))
+    assert counter == FlopCounter(6.0 * N_TINY, float(ATTN_TINY), 6.0 * HEAD_TINY)
     assert counter.sequence(100) == 6 * N_TINY * 100 + ATTN_TINY * 100**2
 
 
@@ -75,6 +76,7 @@ def test_lora_counts_4n_for_the_frozen_base_and_6_per_adapter_weight(tiny: Any) 
     counter = flop_counter(model.config, lora)
     assert counter.dense_per_token == 4 * N_TINY + 6 * 10_240
     assert counter.attn_per_token_ctx == ATTN_TINY  # attention has no weights to freeze
+    assert counter.head_per_token == 4 * HEAD_TINY  # the frozen head: no weight gradient
 
 
 def test_mixture_of_experts_counts_the_experts_a_token_visits() -> None:
@@ -127,6 +129,18 @@ def test_sequence_lengths_padded_unpadded_and_packed() -> None:
     assert counter.batch(packed, pad_id=0) == 10 * 7 + (9 + 4 + 1 + 1)
 
 
+def test_step_flops_count_every_sample_as_its_own_sequence() -> None:
+    from distft.data.loader import StepTotals
+
+    perf = Throughput(FlopCounter(10.0, 1.0), None, rank=0, world=2, device=torch.device("cpu"))
+    # the packed example above: samples of 3, 2, 1 and 1 tokens
+    assert perf.flops(StepTotals(targets=3, tokens=7, squared_lengths=15)) == 10 * 7 + 15
+    # the head (4 of the 10 per token) runs at the 3 target positions only
+    perf.counter = FlopCounter(10.0, 1.0, head_per_token=4.0)
+    assert perf.flops(StepTotals(targets=3, tokens=7, squared_lengths=15)) == 6 * 7 + 4 * 3 + 15
+    assert Throughput(None, None, 0, 2, torch.device("cpu")).flops(StepTotals(1, 7, 15)) == 0
+
+
 def test_peak_table_config_wins_and_cpu_or_fp32_has_none() -> None:
     cpu = torch.device("cpu")
     assert peak_tflops(cpu, "bf16", None) is None
@@ -159,7 +173,8 @@ SEQ = 40  # every training sample has exactly this many tokens
 @pytest.mark.slow
 def test_run_logs_mfu_equal_to_the_hand_computation(tiny: Any, tmp_path: Path) -> None:
     """2 workers, peak set in the config, samples of one length: each logged MFU equals
-    tokens/s per worker x (6N + 12*L*H*Q*s) / peak, in JSONL and in the W&B records."""
+    tokens/s per worker x (6N + 12*L*H*Q*s) / peak, in JSONL and in the W&B records, with
+    the LM head's 6*d*V counted at the s-1 predicted positions of each sample only."""
     import random
 
     rng = random.Random(0)
@@ -181,7 +196,8 @@ def test_run_logs_mfu_equal_to_the_hand_computation(tiny: Any, tmp_path: Path) -
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MFU vs 0.002 TFLOP/s peak" in proc.stdout
 
-    per_token = 6 * N_TINY + ATTN_TINY * SEQ
+    per_sample = 6 * (N_TINY - HEAD_TINY) * SEQ + 6 * HEAD_TINY * (SEQ - 1) + ATTN_TINY * SEQ**2
+    per_token = per_sample / SEQ
     rows = [r for r in read_metrics(out) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:

@@ -6,6 +6,7 @@ saved with plain transformers/peft and checks it computes the engine's eval loss
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -17,28 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from distft.data import encode, read_conversations
+from tests.reference_runs import RUNS, TrainedRun
 from tests.support import read_metrics, run_cli, tiny_config, wandb_history, write_config
 
 pytestmark = pytest.mark.slow
-
-ZERO3_SHARD_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-RUNS = {
-    "zero2_full": {"deepspeed": {"zero_stage": 2, "precision": "fp32"}},
-    "zero3_full": {
-        "deepspeed": {"zero_stage": 3, "precision": "fp32", "ds_config": ZERO3_SHARD_ALL}
-    },
-    "zero3_lora": {
-        "deepspeed": {"zero_stage": 3, "precision": "fp32", "ds_config": ZERO3_SHARD_ALL},
-        "lora": {
-            "enabled": True,
-            "r": 16,
-            "alpha": 32,
-            "dropout": 0.0,
-            "target_modules": "all-linear",
-        },
-        "optim": {"lr": 2e-2, "warmup_steps": 0},
-    },
-}
 
 
 def plain_eval_loss(model: Any, tokenizer: Any, eval_file: Path, max_seq_len: int) -> float:
@@ -55,15 +38,10 @@ def plain_eval_loss(model: Any, tokenizer: Any, eval_file: Path, max_seq_len: in
     return total / count
 
 
-@pytest.fixture(scope="module", params=sorted(RUNS))
-def run(request: pytest.FixtureRequest, tiny: Any, tmp_path_factory: pytest.TempPathFactory):
-    name = request.param
-    out = tmp_path_factory.mktemp(name) / "run"
-    cfg = tiny_config(tiny, out, **RUNS[name])
-    cfg_path = write_config(out.parent / "config.yaml", cfg)
-    proc = run_cli("train", str(cfg_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return name, cfg, out, proc
+@pytest.fixture(params=sorted(RUNS))
+def run(request: pytest.FixtureRequest, trained: dict[str, TrainedRun]):
+    r = trained[request.param]
+    return r.name, r.cfg, r.out, r.proc
 
 
 def test_run_trains_and_reports_eval_loss(run) -> None:
@@ -141,11 +119,16 @@ def test_wandb_offline_records_hold_the_logged_losses(run) -> None:
 
 
 def test_worker_side_data_error_is_one_line_exit_2(tiny: Any, tmp_path: Path) -> None:
-    """Every sample loses its assistant turn to truncation: found in the workers."""
+    """Every sample loses its assistant turn to truncation: found in the workers. Bad input
+    is not a crash: with restarts allowed, it still ends the run at the first attempt."""
     out = tmp_path / "run"
     cfg = tiny_config(tiny, out, data={"max_seq_len": 12, "eval_files": []})
+    cfg["cluster"]["max_failures"] = 3
     proc = run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
+    assert "restarting the workers" not in proc.stderr
+    starts = [json.loads(line) for line in (out / "launches.jsonl").read_text().splitlines()]
+    assert [s["restart"] for s in starts] == [0], starts
     assert re.match(r"error: .*train\.jsonl:\d+: no trainable tokens after truncation", errors[0])

@@ -43,6 +43,16 @@ Row = list[tuple[np.ndarray, np.ndarray]]  # the (ids, labels) samples of one ro
 
 
 @dataclass(frozen=True)
+class StepTotals:
+    """One optimizer step over all ranks: predicted tokens (the loss normaliser), real
+    tokens, and the sum of squared sample lengths (attention FLOPs)."""
+
+    targets: int
+    tokens: int
+    squared_lengths: int
+
+
+@dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -94,6 +104,7 @@ def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa") -> Batch:
         for k, (s_ids, s_labels) in enumerate(row):
             m = len(s_ids)
             ids[i, at : at + m], labels[i, at : at + m] = s_ids, s_labels
+            labels[i, at] = IGNORE  # never predicted from the previous sample's last token
             pos[i, at : at + m], seg[i, at : at + m] = np.arange(m), k
             at += m
         pos[i, at:], seg[i, at:] = np.arange(width - at), len(row)  # padding: its own block
@@ -224,6 +235,20 @@ class TrainBatches:
             )
             for rows in self.indices_for_step(step)
         ]
+
+    def step_totals(self, step: int) -> StepTotals:
+        """Totals of the whole optimizer step `step`, over every rank's micro-batches. Every
+        rank computes them from the unit order alone: no collective before the backward."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        units = self.units(epoch)
+        lo, hi = units.bounds[k * self.global_batch], units.bounds[(k + 1) * self.global_batch]
+        members = units.members[lo:hi]
+        lengths = self.split.lengths[members]
+        return StepTotals(
+            targets=int(self.split.targets[members].sum()),
+            tokens=int(lengths.sum()),
+            squared_lengths=int((lengths * lengths).sum()),
+        )
 
     def samples_seen(self, step: int) -> int:
         """Global samples consumed by optimizer steps [0, step) (every rank agrees)."""

@@ -26,7 +26,7 @@ class TokenArrays:
     ids: np.ndarray  # int32, every sample's tokens back to back
     labels: np.ndarray  # int32, IGNORE where there is no loss
     offsets: np.ndarray  # int64, sample i is [offsets[i], offsets[i+1])
-    targets: np.ndarray  # int64, labelled tokens per sample
+    targets: np.ndarray  # int64, predicted tokens per sample: labels after the first
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[Any, Any]]) -> TokenArrays:
@@ -35,7 +35,7 @@ class TokenArrays:
             ids.append(np.asarray(i, dtype=np.int32))
             labels.append(np.asarray(lab, dtype=np.int32))
             lengths.append(len(i))
-        targets = np.array([int((lab != IGNORE).sum()) for lab in labels], dtype=np.int64)
+        targets = np.array([int((lab[1:] != IGNORE).sum()) for lab in labels], dtype=np.int64)
         return cls(
             ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
             labels=np.concatenate(labels) if labels else np.zeros(0, np.int32),

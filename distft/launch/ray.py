@@ -2,7 +2,7 @@
 
 Runs Ray Train's TorchTrainer with one worker per data-parallel rank; every worker runs
 `distft.worker.run_worker`. Worker failures come back as `TrainingFailed` with the
-worker's own error message.
+worker's own error message; `launch` owns the restarts.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +63,51 @@ def init_ray(cfg: Config) -> None:
         )
 
 
-def launch(cfg: Config) -> None:
-    """Train on Ray; raises TrainingFailed with the worker's error."""
+def launch(cfg: Config, log: Callable[[str], None] = print) -> None:
+    """Train on Ray; raises TrainingFailed with the worker's error.
+
+    Restarts after a failure are ours, not Ray's (Ray's FailureConfig gets 0): Ray cannot
+    tell bad input found in a worker (data, storage, a refused checkpoint) from a crash and
+    would retry it `max_failures` times. Here a `UserError` ends the run at once; any
+    other failure starts a new worker group, up to `cluster.max_failures` times, and the
+    new group resumes from the newest valid checkpoint. Node preemptions are still Ray's
+    (`max_preemption_failures`, unlimited) and do not count."""
+    from distft import preempt
+
+    init_ray(cfg)
+    launch_id = uuid.uuid4().hex[:12]  # the same for every restart within this process
+    limit = cfg.cluster.max_failures
+    failures = 0
+    while True:
+        try:
+            _fit(cfg, launch_id)
+            return
+        except TrainingFailed as failed:
+            if failed.user_error or preempt.requested(cfg.output_dir):
+                raise
+            if limit != -1 and failures >= limit:
+                raise
+            failures += 1
+            log(f"{failed}; restarting the workers ({failures} of {_limit_text(limit)})")
+
+
+def _limit_text(limit: int) -> str:
+    return "unlimited" if limit == -1 else str(limit)
+
+
+def _fit(cfg: Config, launch_id: str) -> None:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from distft.worker import run_worker
 
-    init_ray(cfg)
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = c.gpus_per_worker
     trainer = TorchTrainer(
         run_worker,
-        # launch_id: the same for every restart of the worker group within this process
-        train_loop_config={"config": cfg, "launch_id": uuid.uuid4().hex[:12]},
+        train_loop_config={"config": cfg, "launch_id": launch_id},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=c.num_workers,
@@ -88,7 +118,7 @@ def launch(cfg: Config) -> None:
         run_config=ray.train.RunConfig(
             name="distft",
             storage_path=str(Path(cfg.checkpoint.output_dir).resolve() / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
     try:

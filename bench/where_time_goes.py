@@ -1,7 +1,7 @@
 """Where a training step's time goes: py-spy samples of rank 0, distft beside the
 hand-written DeepSpeed loop, on the P1 workload (tiny Llama, 2 workers, ZeRO-2 fp32).
 
-    python -m bench.profile [--steps 400] [--seconds 15] [--out DIR]
+    python -m bench.where_time_goes [--steps 400] [--seconds 15] [--out DIR]
 
 Each contender runs long enough for py-spy (`--idle`, so waits in collectives count too)
 to sample `--seconds` of steady-state steps; the table gives each direct callee of the
@@ -62,7 +62,9 @@ def record(proc: subprocess.Popen, find_pid, log: Path, seconds: int, out: Path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.where_time_goes", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--out", type=Path)

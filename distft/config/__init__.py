@@ -1,0 +1,47 @@
+"""Typed, strict run configuration: YAML + dotted overrides -> validated `Config`.
+
+Every problem is reported as one line naming the key, the bad value and what is allowed
+(`ConfigError.problems`); unknown keys are rejected. Nothing here starts a process.
+"""
+
+from distft.config.loading import apply_overrides, from_dict, load, resolve_paths, save_resolved
+from distft.config.sections import (
+    BatchConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    LoggingConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    Precision,
+    SourceConfig,
+    WandbConfig,
+)
+
+__all__ = [
+    "BatchConfig",
+    "CheckpointConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "Precision",
+    "SourceConfig",
+    "WandbConfig",
+    "apply_overrides",
+    "from_dict",
+    "load",
+    "resolve_paths",
+    "save_resolved",
+]
