@@ -98,11 +98,22 @@ _READY = re.compile(r"\[distft\] ready in [\d.]+s \((.*?)\);")
 _COMMITTED = re.compile(r"\[distft\] checkpoint step_(\d+) committed: [\d.]+ MB in ([\d.]+)s")
 
 
-def run_distft(cfg: dict[str, Any], workdir: Path, overrides: list[str] | None = None) -> DistftRun:
-    """`distft train` on `cfg` (its checkpoint.output_dir inside `workdir`)."""
+def write_config(cfg: dict[str, Any], workdir: Path) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "bench-config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def metric_rows(output_dir: Path, key: str) -> list[Any]:
+    """`key` of every training row of a run's metrics.jsonl."""
+    rows = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return [r[key] for r in rows if "train/loss" in r]
+
+
+def run_distft(cfg: dict[str, Any], workdir: Path, overrides: list[str] | None = None) -> DistftRun:
+    """`distft train` on `cfg` (its checkpoint.output_dir inside `workdir`)."""
+    path = write_config(cfg, workdir)
     launched = time.time()
     log = workdir / f"distft-{int(launched)}.log"
     wall = _run([DISTFT, "train", str(path), *(overrides or [])], log)

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         res["p3"] = suites.p3_checkpoint(s)
     res["wall_s"] = time.time() - t0
     if "p1" in res:
-        res["p1"] = {k: v for k, v in res["p1"].items() if k in ("distft_sps", "hand_sps")}
+        keep = ("distft_sps", "hand_sps", "no_ray_sps")
+        res["p1"] = {k: v for k, v in res["p1"].items() if k in keep}
         if "p1" not in only:
             del res["p1"]
     table = render(res)
@@ -87,6 +88,13 @@ def render(res: dict[str, Any]) -> str:
             f"hand-written DeepSpeed loop {h.spread(p1['hand_sps'], '{:.2f}')}",
             f"{_ratio(p1['distft_sps'], p1['hand_sps']):.3f}", ">= 0.97",
         ))  # fmt: skip
+        if p1.get("no_ray_sps"):
+            rows.append((
+                "P1 . the same worker under torchrun, no Ray (diagnostic): steps/s",
+                h.spread(p1["no_ray_sps"], "{:.2f}"),
+                f"hand-written DeepSpeed loop {h.spread(p1['hand_sps'], '{:.2f}')}",
+                f"{_ratio(p1['no_ray_sps'], p1['hand_sps']):.3f}", "",
+            ))  # fmt: skip
     if "p2" in res:
         rows += _p2_rows(res["p2"])
     if "p3" in res:

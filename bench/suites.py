@@ -56,7 +56,7 @@ def p1_overhead(s: Setup, steps: int = 100) -> dict[str, Any]:
     root = s.root / "p1"
     data = write_jsonl(root / "fixed128.jsonl", fixed_samples(steps * GLOBAL_BATCH, 128, 512, 0))
     model = s.assets.model_dir
-    distft_sps, hand_sps, runs = [], [], []
+    distft_sps, hand_sps, no_ray_sps, runs = [], [], [], []
     for i in range(s.repeats):
         out = root / f"distft{i}"
         cfg = distft_config(
@@ -66,12 +66,18 @@ def p1_overhead(s: Setup, steps: int = 100) -> dict[str, Any]:
         run = h.run_distft(cfg, out)
         runs.append(run)
         distft_sps.append(h.steps_per_s(run.step_times()))
+        no_ray = root / f"no_ray{i}"
+        cfg["checkpoint"]["output_dir"] = str(no_ray)
+        path = h.write_config(cfg, no_ray)
+        h.run_torchrun("bench.worker_torchrun", [str(path)], 2, no_ray / "train.log")
+        no_ray_sps.append(h.steps_per_s(h.metric_rows(no_ray, "time")))
         result = root / f"hand{i}.json"
         args = ["--model", str(model), "--data", str(data), "--out", str(result),
                 "--steps", str(steps)]  # fmt: skip
         h.run_torchrun("bench.ds_loop", args, 2, root / f"hand{i}.log")
         hand_sps.append(h.steps_per_s(json.loads(result.read_text())["step_times"]))
-    return {"distft_sps": distft_sps, "hand_sps": hand_sps, "runs": runs, "data": data}
+    return {"distft_sps": distft_sps, "hand_sps": hand_sps, "no_ray_sps": no_ray_sps,
+            "runs": runs, "data": data}  # fmt: skip
 
 
 def scaling(s: Setup, p1: dict[str, Any], steps: int = 100) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def test_cpu_table_has_one_row_per_measurement() -> None:
     from bench.run import render
 
     res = {
-        "p1": {"distft_sps": [9.8, 10.0], "hand_sps": [10.0, 10.2]},
+        "p1": {"distft_sps": [9.8, 10.0], "hand_sps": [10.0, 10.2], "no_ray_sps": [10.1]},
         "p2": {
             "stats": {"samples": 2000, "median": 101, "p90": 226, "max": 512},
             "distft_max_seq_len": 530,
@@ -137,6 +137,7 @@ def test_cpu_table_has_one_row_per_measurement() -> None:
     }  # fmt: skip
     table = render(res)
     assert "| 0.980 | >= 0.97 |" in table  # P1 ratio of medians: 9.9 / 10.1
+    assert "no Ray (diagnostic): steps/s | 10.10 | hand-written" in table
     assert "best HF Trainer `group_by_length`" in table and "| 1.20x | >= 1.2x |" in table
     assert "| -0.100 | <= baseline |" in table
     assert "| 1.80x (90% efficiency) | hand-written loop 2.00x (100%) | 0.90 |" in table
