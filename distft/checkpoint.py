@@ -215,11 +215,16 @@ class CheckpointCoordinator:
         return sorted(dirs, key=lambda p: p.name)
 
     def _hash_spread(self, root: Path, names: list[str], sync: bool = False) -> dict[str, str]:
-        """Hash (and with `sync`, fsync) files, each rank taking every W-th one; every
-        rank gets all hashes."""
-        mine = {
-            n: _hash_file(root / n, sync) for n in names[self.dist.rank :: self.dist.world_size]
-        }
+        """Hash (and with `sync`, fsync) files, the bytes spread evenly over the ranks
+        (largest file first, to the rank with the fewest bytes so far); every rank gets
+        all hashes."""
+        sizes = {n: (root / n).stat().st_size for n in names}
+        load = [0] * self.dist.world_size
+        owner: dict[str, int] = {}
+        for n in sorted(names, key=lambda n: (-sizes[n], n)):
+            owner[n] = min(range(self.dist.world_size), key=lambda r: (load[r], r))
+            load[owner[n]] += sizes[n]
+        mine = {n: _hash_file(root / n, sync) for n in names if owner[n] == self.dist.rank}
         if self.dist.world_size == 1 or not tdist.is_initialized():
             return mine
         parts: list[dict[str, str]] = [{} for _ in range(self.dist.world_size)]
@@ -276,6 +281,7 @@ class CheckpointCoordinator:
         if self.dist.is_main and staging.exists():
             shutil.rmtree(staging)  # leftovers of a crashed save at this step
         self.dist.barrier()
+        t_write = time.perf_counter()
         engine.save_checkpoint(str(self.partial), tag=tag, save_latest=False)
         faults.maybe_crash("save", state.step, self.dist.rank)
         (staging / f"rng_rank{self.dist.rank}.json").write_text(
@@ -285,7 +291,9 @@ class CheckpointCoordinator:
             (staging / STATE).write_text(json.dumps(asdict(state), indent=1))
         self.dist.barrier()
         names = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        t_hash = time.perf_counter()
         hashes = self._hash_spread(staging, names, sync=True)
+        t_commit = time.perf_counter()
         final = self.root / tag
         if self.dist.is_main:
             files: dict[str, dict[str, Any]] = {
@@ -306,9 +314,11 @@ class CheckpointCoordinator:
             _atomic_write(self.root / "latest", tag)
             self._retain()
             size = sum(f["size"] for f in files.values())
+            now = time.perf_counter()
             self.dist.log(
-                f"checkpoint {tag} committed: {size / 1e6:.1f} MB in "
-                f"{time.perf_counter() - t0:.2f}s"
+                f"checkpoint {tag} committed: {size / 1e6:.1f} MB in {now - t0:.2f}s (write "
+                f"{t_hash - t_write:.2f}s, hash+fsync {t_commit - t_hash:.2f}s, commit "
+                f"{now - t_commit:.2f}s)"
             )
         self.dist.barrier()
         return final

@@ -108,9 +108,12 @@ def test_worker_and_checkpoint_lines_are_parsed(tmp_path: Path) -> None:
     assert m is not None
     assert m.group(1).split(", ")[-1] == "restore+logger 1.14s"
     coordinator = (REPO / "distft" / "checkpoint.py").read_text()
-    assert 'f"checkpoint {tag} committed: {size / 1e6:.1f} MB in "' in coordinator
+    assert 'f"checkpoint {tag} committed: {size / 1e6:.1f} MB in {now - t0:.2f}s (write "' in (
+        coordinator
+    )
     log = tmp_path / "run.log"
-    log.write_text(line + "\n[distft] checkpoint step_00000012 committed: 214.1 MB in 0.79s\n")
+    saved = "committed: 214.1 MB in 0.79s (write 0.60s, hash+fsync 0.19s, commit 0.00s)"
+    log.write_text(line + f"\n[distft] checkpoint step_00000012 {saved}\n")
     run = h.DistftRun(tmp_path, 0.0, 0.0, [], log)
     assert run.checkpoint_saves() == {12: 0.79}
 

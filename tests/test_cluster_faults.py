@@ -1,6 +1,7 @@
 """Worker-failure recovery: SIGKILL one Ray Train worker process at a random step of a
-2-worker ZeRO-2 run with `cluster.max_failures: 1`. Ray restarts the worker group, the
-workers resume from the newest committed checkpoint, and the run ends with the same
+2-worker ZeRO-2 run with `cluster.max_failures: 1`. distft's launcher starts a new worker
+group (Ray's own retries are off: they would retry bad input too), the workers resume
+from the newest committed checkpoint, and the run ends with the same
 per-step losses and final weights as an uninterrupted run, bit for bit.
 
 The worker pids come from `<output_dir>/launches.jsonl`, which every worker group writes

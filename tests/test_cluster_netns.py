@@ -6,10 +6,10 @@ each host; gloo runs over the veth pairs.
 1. Host 2 sees a different directory at the output dir's path (its own tmpfs): the run
    stops at start with one line, before any model is loaded.
 2. Mid-run, host 2's switch port goes down (its link is cut; its processes keep running).
-   With `cluster.max_failures: 1` Ray declares the node dead and restarts the worker group
-   on host 1 (2 CPUs fit both ranks); the ranks resume from the newest committed
-   checkpoint, and the run ends with the same losses and weights as an uninterrupted run,
-   bit for bit.
+   With `cluster.max_failures: 1` Ray declares the node dead, the run fails, and distft's
+   launcher starts a new worker group on host 1 (2 CPUs fit both ranks); the ranks resume
+   from the newest committed checkpoint, and the run ends with the same losses and weights
+   as an uninterrupted run, bit for bit.
 """
 
 from __future__ import annotations

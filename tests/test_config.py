@@ -347,3 +347,38 @@ def test_resolve_paths_expands_home(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(ConfigError) as info:
         resolve_paths(from_dict(raw), base=tmp_path)
     assert info.value.problems == ["model.name_or_path: directory not found: ~/models/missing"]
+
+
+def test_every_config_key_is_in_the_readme_reference() -> None:
+    """The README's config reference stays true: each section's table names every key of
+    that section (nested sections as `wandb.project`), and no key that does not exist."""
+    import re
+    import typing
+
+    from pydantic import BaseModel
+
+    from distft.config import Config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+    def keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            nested = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            args = [a for a in typing.get_args(ann) if isinstance(a, type)]
+            nested = nested or next((a for a in args if issubclass(a, BaseModel)), None)
+            if nested is not None and typing.get_origin(ann) is not list:
+                out |= keys(nested, f"{prefix}{name}.")
+            else:
+                out.add(f"{prefix}{name}")
+        return out
+
+    for section, field in Config.model_fields.items():
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            continue
+        m = re.search(rf"^\*\*{section}\*\*[^\n]*\n\n((?:\|.*\n)+)", readme, re.M)
+        assert m, f"README has no reference table for section {section!r}"
+        documented = set(re.findall(r"^\| `([\w.]+)` \|", m.group(1), re.M))
+        assert documented == keys(ann), (section, documented ^ keys(ann))
