@@ -31,17 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
-import xxhash
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from distft import __version__, faults, reshard
 from distft.config import Config
 from distft.dist import DistContext
 from distft.errors import UserError
+from distft.fingerprint import fingerprint_changes, hash_file
 
 MANIFEST = "manifest.json"
 STATE = "train_state.json"
-_CHUNK = 1 << 22
 
 
 class CheckpointError(UserError):
@@ -75,17 +74,6 @@ class TrainState:
 # ------------------------------------------------------------------------ small pieces
 
 
-def _hash_file(path: Path, sync: bool = False) -> str:
-    """xxh3-128 of the file; with `sync`, also flush it to stable storage (commit)."""
-    h = xxhash.xxh3_128()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -102,60 +90,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def hash_files(paths: list[Path]) -> str:
-    h = xxhash.xxh3_128()
-    for p in sorted(paths):
-        h.update(str(p.name).encode())
-        h.update(_hash_file(p).encode())
-    return h.hexdigest()
-
-
-def fingerprint(cfg: Config) -> dict[str, str]:
-    """Hashes of what shapes the training trajectory, by name. Logging, cluster layout,
-    checkpoint cadence, the cache location and `batch.stop_after_steps` are left out on
-    purpose: the batch enters as the data layer's step layout, which is equal for every
-    split of the same global step into micro-batches x accumulation x workers."""
-    from distft.data.cache import source_specs
-    from distft.data.loader import step_layout
-    from distft.data.records import data_files
-
-    d = cfg.redacted()
-    batch = {
-        "layout": step_layout(cfg, cfg.cluster.num_workers),
-        "epochs": cfg.batch.epochs,
-        "max_steps": cfg.batch.max_steps,
-    }
-    data = {k: v for k, v in d["data"].items() if k != "cache_dir"}
-
-    def h(obj: Any) -> str:
-        return xxhash.xxh3_64_hexdigest(json.dumps(obj, sort_keys=True, default=str).encode())
-
-    out = {
-        "model": h(d["model"]),
-        "lora": h(d["lora"]),
-        "optim": h(d["optim"]),
-        "batch": h(batch),
-        "deepspeed": h(d["deepspeed"]),
-        "seed": h(d["seed"]),
-        "data_config": h(data),
-    }
-    local = [
-        Path(s.path)
-        for which in ("train", "eval")
-        for s in source_specs(cfg.data, which)
-        if s.path is not None and Path(s.path).exists()
-    ]
-    out["data_files"] = hash_files([f for p in local for f in data_files(p)])
-    tok_dir = Path(cfg.model.tokenizer or cfg.model.name_or_path)
-    if tok_dir.is_dir():
-        out["tokenizer"] = hash_files([p for p in tok_dir.glob("*token*") if p.is_file()])
-    return out
-
-
-def fingerprint_changes(saved: dict[str, str], current: dict[str, str]) -> list[str]:
-    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
 
 
 class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
@@ -224,7 +158,7 @@ class CheckpointCoordinator:
         for n in sorted(names, key=lambda n: (-sizes[n], n)):
             owner[n] = min(range(self.dist.world_size), key=lambda r: (load[r], r))
             load[owner[n]] += sizes[n]
-        mine = {n: _hash_file(root / n, sync) for n in names if owner[n] == self.dist.rank}
+        mine = {n: hash_file(root / n, sync) for n in names if owner[n] == self.dist.rank}
         if self.dist.world_size == 1 or not tdist.is_initialized():
             return mine
         parts: list[dict[str, str]] = [{} for _ in range(self.dist.world_size)]

@@ -70,9 +70,7 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
     init_ray(cfg)  # before our signal handlers: ray.init installs its own SIGTERM handler
     with preempt.on_signal(cfg.output_dir) as signals:
         try:
-            launch(
-                cfg, log=lambda line: err.print(f"warning: {line.splitlines()[0]}", markup=False)
-            )
+            launch(cfg, log=lambda line: err.print(f"warning: {line}", markup=False))
         except TrainingFailed as e:
             _fail([str(e)], EXIT_BAD_INPUT if e.user_error else EXIT_FAILED)
     if signals:

@@ -12,11 +12,12 @@ import torch
 
 from distft import dist as distmod
 from distft import preempt
-from distft.checkpoint import CheckpointCoordinator, TrainState, fingerprint
+from distft.checkpoint import CheckpointCoordinator, TrainState
 from distft.config import Config
 from distft.data import TrainBatches, describe, eval_batches, prepare
 from distft.engine import build_ds_config, create_engine
 from distft.export import save_final
+from distft.fingerprint import fingerprint
 from distft.launch.preflight import preflight
 from distft.metrics import make_logger
 from distft.model import build_model, count_params, load_tokenizer

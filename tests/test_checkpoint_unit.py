@@ -18,14 +18,12 @@ from distft.checkpoint import (
     CheckpointCoordinator,
     CheckpointError,
     TrainState,
-    _hash_file,
-    fingerprint,
-    fingerprint_changes,
     rng_state,
     set_rng_state,
 )
 from distft.config import Config, from_dict
 from distft.dist import DistContext
+from distft.fingerprint import fingerprint, fingerprint_changes, hash_file
 
 ONE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -37,7 +35,7 @@ def fake_checkpoint(root: Path, step: int, eval_loss: float | None = None) -> Pa
     (d / "shard.bin").write_bytes(bytes(range(256)) * (step + 1))
     (d / STATE).write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
     files = {
-        n: {"size": (d / n).stat().st_size, "xxh3_128": _hash_file(d / n)}
+        n: {"size": (d / n).stat().st_size, "xxh3_128": hash_file(d / n)}
         for n in ("shard.bin", STATE)
     }
     (d / MANIFEST).write_text(json.dumps({"step": step, "files": files}))

@@ -88,7 +88,8 @@ def launch(cfg: Config, log: Callable[[str], None] = print) -> None:
             if limit != -1 and failures >= limit:
                 raise
             failures += 1
-            log(f"{failed}; restarting the workers ({failures} of {_limit_text(limit)})")
+            first = str(failed).splitlines()[0] if str(failed) else type(failed).__name__
+            log(f"{first}; restarting the workers ({failures} of {_limit_text(limit)})")
 
 
 def _limit_text(limit: int) -> str:
