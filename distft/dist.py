@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -44,6 +45,17 @@ class DistContext:
         return self.sum([1.0 if flag else 0.0])[0] > 0
 
 
+def _prefer_own_ninja() -> None:
+    """On CPU, DeepSpeed JIT-builds its shared-memory comm op with the `ninja` on PATH.
+    Two ninja versions (this environment's and the system's) rewrite each other's build
+    log and rebuild the op (~30 s) whenever they alternate; use this Python's own."""
+    own = Path(sys.executable).parent
+    if (own / "ninja").is_file():
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[0] != str(own):
+            os.environ["PATH"] = f"{own}{os.pathsep}{path}"
+
+
 def init(use_gpu: bool) -> DistContext:
     """Join the process group that Ray Train set up and hand it to DeepSpeed.
 
@@ -63,6 +75,7 @@ def init(use_gpu: bool) -> DistContext:
         LOCAL_RANK=str(local_rank),
         LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
     )
+    _prefer_own_ninja()
     if use_gpu:
         import ray.train.torch
 
