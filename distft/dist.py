@@ -40,10 +40,6 @@ class DistContext:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t.tolist()
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank."""
-        return self.sum([1.0 if flag else 0.0])[0] > 0
-
 
 def _prefer_own_ninja() -> None:
     """On CPU, DeepSpeed JIT-builds its shared-memory comm op with the `ninja` on PATH.
