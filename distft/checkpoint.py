@@ -282,20 +282,13 @@ class CheckpointCoordinator:
         if restarted and self.committed():
             resume = "auto"
         if resume == "never" and self.committed():
-            raise CheckpointError(
-                f"checkpoint.resume: 'never', but {self.root} already holds checkpoints; "
-                "use a new checkpoint.output_dir or resume: auto"
-            )
+            raise _never_but_saved(self.root)
         ckpt = self.find_resume(resume)
         if ckpt is None:
             return fresh
         changed = fingerprint_changes(self.read_state(ckpt).fingerprint, fresh.fingerprint)
         if changed and not cfg.checkpoint.allow_fingerprint_change:
-            raise CheckpointError(
-                f"{ckpt}: saved with a different {', '.join(changed)}; set "
-                "checkpoint.allow_fingerprint_change=true to resume anyway, or use a new "
-                "checkpoint.output_dir"
-            )
+            raise _changed(ckpt, changed)
         t0 = time.perf_counter()
         state = self.load(engine, ckpt)
         if changed:
@@ -345,3 +338,50 @@ def _eval_loss(ckpt: Path) -> float | None:
         return TrainState.from_json((ckpt / STATE).read_text()).eval_loss
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _never_but_saved(root: Path) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint.resume: 'never', but {root} already holds checkpoints; "
+        "use a new checkpoint.output_dir or resume: auto"
+    )
+
+
+def _changed(ckpt: Path, changed: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{ckpt}: saved with a different {', '.join(changed)}; set "
+        "checkpoint.allow_fingerprint_change=true to resume anyway, or use a new "
+        "checkpoint.output_dir"
+    )
+
+
+def check_before_launch(cfg: Config) -> None:
+    """On the driver, before Ray starts and before anything is written: what the workers
+    would refuse about resuming (`resume: never` over saved checkpoints, a missing resume
+    path, a newest checkpoint saved with another fingerprint). Cheap: a listing and one
+    state file; the workers still verify hashes and decide (a torn newest checkpoint is
+    left to them: they skip it)."""
+    from distft.fingerprint import fingerprint
+
+    coordinator = CheckpointCoordinator(cfg.output_dir / "checkpoints", _DRIVER, 1)
+    committed = coordinator.committed()
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        if committed:
+            raise _never_but_saved(coordinator.root)
+        return
+    if resume != "auto" and not (Path(resume) / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint.resume: {resume}: no manifest")
+    ckpt = Path(resume) if resume != "auto" else (committed[-1] if committed else None)
+    if ckpt is None or cfg.checkpoint.allow_fingerprint_change:
+        return
+    try:
+        saved = coordinator.read_state(ckpt).fingerprint
+    except (OSError, ValueError, TypeError):
+        return
+    changed = fingerprint_changes(saved, fingerprint(cfg))
+    if changed:
+        raise _changed(ckpt, changed)
+
+
+_DRIVER = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

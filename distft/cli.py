@@ -61,6 +61,12 @@ def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_
 def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Fine-tune: typed config -> Ray workers -> DeepSpeed -> checkpoints + final model."""
     cfg = _load(config, overrides)
+    from distft.checkpoint import check_before_launch
+
+    try:
+        check_before_launch(cfg)  # before config.yaml is written: a refusal changes nothing
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
     config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
     from distft import preempt
     from distft.launch.ray import TrainingFailed, init_ray, launch

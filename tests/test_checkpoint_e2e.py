@@ -199,10 +199,19 @@ def test_changed_hyperparameters_are_refused_unless_allowed(tiny, small_train, t
     out = tmp_path / "run"
     cfg = config(tiny, small_train, out, "zero2")
     ok(train(cfg, "batch.stop_after_steps=3"))
-    refused = train(cfg, "optim.lr=0.01", "optim.warmup_steps=0")
-    assert refused.returncode == 2
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "saved with a different optim;" in errors[0], refused.stderr
+    saved_config = (out / "config.yaml").read_text()
+    # refused on the driver, before Ray starts and before anything is written
+    for overrides, needle in [
+        (["optim.lr=0.01", "optim.warmup_steps=0"], "saved with a different optim;"),
+        (["checkpoint.resume=never"], "checkpoint.resume: 'never', but"),
+        ([f"checkpoint.resume={tmp_path}"], "no manifest"),
+    ]:
+        refused = train(cfg, *overrides)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0], refused.stderr
+        assert "Traceback" not in refused.stderr and "ray" not in refused.stdout.lower()
+        assert (out / "config.yaml").read_text() == saved_config
     allowed = ok(
         train(
             cfg,
