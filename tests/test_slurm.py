@@ -77,6 +77,24 @@ def test_sbatch_on_two_nodes_trains_to_completion(two_node_run, slurm, cluster_r
     assert_same_training(out, cluster_reference)  # gloo across the veth: same bits
 
 
+def wait_until_steps_gone(job_id: int, timeout: float) -> None:
+    """Until no `slurmstepd: [<job_id>.*]` process is left (read-only: /proc)."""
+    deadline = time.monotonic() + timeout
+    prefix = f"slurmstepd: [{job_id}.".encode()
+    while time.monotonic() < deadline:
+        left = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(prefix):
+                    left.append(proc.name)
+            except OSError:
+                continue
+        if not left:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id}: slurmstepd still running after {timeout:.0f}s")
+
+
 def test_sigterm_commits_requeues_and_resumes_exactly(
     slurm, cluster_reference: Path, tiny: Any, tmp_path: Path
 ) -> None:
@@ -96,10 +114,13 @@ def test_sigterm_commits_requeues_and_resumes_exactly(
         time.sleep(0.05)
     signalled = slurm.run(["scancel", "--batch", "--signal=TERM", str(job_id)])
     assert signalled.returncode == 0, signalled.stderr
-    # Slurm holds a requeued job (Reason=BeginTime, about 2 min); release it now.
+    # Slurm holds a requeued job (Reason=BeginTime, about 2 min); release it now, but only
+    # once the first run's batch step is gone: released earlier, slurmd refuses to launch
+    # it ("Job N already killed") and the job fails. The 2-minute hold exists for this.
     held = slurm.wait(job_id, {"PENDING", *ENDED}, timeout=300)
     if held["JobState"] == "PENDING":
         assert held["Restarts"] == "1", held
+        wait_until_steps_gone(job_id, timeout=120)
         slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
     job = slurm.wait(job_id, ENDED, timeout=900)
     text = output(log)
