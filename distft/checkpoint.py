@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from distft import __version__, faults, reshard
 from distft.config import Config
@@ -92,21 +91,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+def weights_only_checkpoint_engine() -> Any:
     """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`: nothing but
-    tensors, containers and DeepSpeed's two plain state classes is unpickled."""
+    tensors, containers and DeepSpeed's plain state classes is unpickled. (DeepSpeed is
+    imported here, not by this module: `distft validate` uses this module without it.)"""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
 
-    def load(self, path: str, map_location: Any = None) -> Any:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            from deepspeed.runtime.fp16.loss_scaler import LossScaler
+            from deepspeed.runtime.zero.config import ZeroStageEnum
+            from deepspeed.utils.tensor_fragment import fragment_address
 
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True)
-            except pickle.UnpicklingError as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CheckpointError(f"{path}: refused to unpickle ({first})") from None
+            allowed = [LossScaler, ZeroStageEnum, fragment_address]
+            with torch.serialization.safe_globals(allowed):
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                except pickle.UnpicklingError as e:
+                    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise CheckpointError(f"{path}: refused to unpickle ({first})") from None
+
+    return WeightsOnly()
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -302,7 +309,7 @@ class CheckpointCoordinator:
     def load(self, engine: Any, ckpt: Path) -> TrainState:
         """Restore engine (module, optimizer, lr scheduler), RNG and train state."""
         state = self.read_state(ckpt)
-        engine.checkpoint_engine = _WeightsOnlyCheckpointEngine()
+        engine.checkpoint_engine = weights_only_checkpoint_engine()
         if state.world_size == self.dist.world_size:
             path, _ = engine.load_checkpoint(
                 str(ckpt.parent),

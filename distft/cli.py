@@ -40,6 +40,16 @@ def _load(config: Path, overrides: list[str] | None) -> config_mod.Config:
         _fail(str(e).splitlines(), EXIT_BAD_INPUT)
 
 
+def _check_resume(cfg: config_mod.Config) -> None:
+    """What the workers would refuse about resuming, found before Ray starts."""
+    from distft.checkpoint import check_before_launch
+
+    try:
+        check_before_launch(cfg)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+
+
 def _check_data(cfg: config_mod.Config) -> None:
     """Record-level problems are reported before any worker starts (local sources)."""
     from distft.data import check_records
@@ -51,6 +61,7 @@ def _check_data(cfg: config_mod.Config) -> None:
 def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Check a config (and that its files exist and parse) without training."""
     cfg = _load(config, overrides)
+    _check_resume(cfg)
     out.print(
         f"ok: {config} ({cfg.cluster.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, "
         f"{'LoRA' if cfg.lora.enabled else 'full'}, {cfg.deepspeed.precision.value})"
@@ -61,12 +72,7 @@ def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_
 def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Fine-tune: typed config -> Ray workers -> DeepSpeed -> checkpoints + final model."""
     cfg = _load(config, overrides)
-    from distft.checkpoint import check_before_launch
-
-    try:
-        check_before_launch(cfg)  # before config.yaml is written: a refusal changes nothing
-    except UserError as e:
-        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+    _check_resume(cfg)  # before config.yaml is written: a refusal changes nothing
     config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
     from distft import preempt
     from distft.launch.ray import TrainingFailed, init_ray, launch

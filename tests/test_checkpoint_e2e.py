@@ -212,6 +212,8 @@ def test_changed_hyperparameters_are_refused_unless_allowed(tiny, small_train, t
         assert len(errors) == 1 and needle in errors[0], refused.stderr
         assert "Traceback" not in refused.stderr and "ray" not in refused.stdout.lower()
         assert (out / "config.yaml").read_text() == saved_config
+        checked = run_cli("validate", str(cfg), *overrides)  # the same check, no training
+        assert checked.returncode == 2 and needle in checked.stderr, checked.stderr
     allowed = ok(
         train(
             cfg,
