@@ -114,14 +114,13 @@ def test_sigterm_commits_requeues_and_resumes_exactly(
         time.sleep(0.05)
     signalled = slurm.run(["scancel", "--batch", "--signal=TERM", str(job_id)])
     assert signalled.returncode == 0, signalled.stderr
-    # Slurm holds a requeued job (Reason=BeginTime, about 2 min); release it now, but only
-    # once the first run's batch step is gone: released earlier, slurmd refuses to launch
-    # it ("Job N already killed") and the job fails. The 2-minute hold exists for this.
+    # Slurm holds a requeued job (Reason=BeginTime, about 2 min) and the test waits it out:
+    # releasing it early (`scontrol update StartTime=now`) raced with slurmd's cleanup of
+    # the first run ("Job N already killed, do not launch batch job") and failed the job.
     held = slurm.wait(job_id, {"PENDING", *ENDED}, timeout=300)
     if held["JobState"] == "PENDING":
         assert held["Restarts"] == "1", held
         wait_until_steps_gone(job_id, timeout=120)
-        slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
     job = slurm.wait(job_id, ENDED, timeout=900)
     text = output(log)
     assert job["JobState"] == "COMPLETED", f"{job}\n{text[-6000:]}\n{slurm.logs()}"
