@@ -175,7 +175,7 @@ def run_hf(args: argparse.Namespace, root: Path, model: Path, data: Path, name: 
 
     lora = _lora_params(model) if name == "lora" else None
     counter = flop_counter(AutoConfig.from_pretrained(model), lora)
-    flops = counter.dense_per_token * sum(tokens) + counter.attn_per_token_ctx * sum(squares)
+    flops = counter.training(sum(tokens), sum(squares))  # HF computes every position's logits
     device = torch.device("cuda" if gpu else "cpu")
     peak = peak_tflops(device, "bf16" if gpu else "fp32", args.peak_tflops)
     return {

@@ -75,15 +75,25 @@ class FlopCounter:
     attn_per_token_ctx: float
     head_per_token: float = 0.0  # the LM head's part of dense_per_token
 
+    def training(
+        self, tokens: float, squared_lengths: float, targets: float | None = None
+    ) -> float:
+        """FLOPs of a training pass over sequences holding `tokens` real tokens whose
+        squared lengths sum to `squared_lengths`; with `targets`, the LM head runs only at
+        that many positions (distft), else at every token (a plain forward)."""
+        head = self.head_per_token * (tokens if targets is None else targets)
+        body = (self.dense_per_token - self.head_per_token) * tokens
+        return body + head + self.attn_per_token_ctx * squared_lengths
+
     def sequence(self, s: int) -> float:
         """FLOPs of one training pass over one sequence of `s` tokens."""
-        return self.dense_per_token * s + self.attn_per_token_ctx * s * s
+        return self.training(s, s * s)
 
     def batch(self, batch: Any, pad_id: int | None = None) -> float:
         """A batch's FLOPs; its real tokens are `batch.n_tokens` when it carries them."""
         lengths = sequence_lengths(batch, pad_id).double()
         tokens = getattr(batch, "n_tokens", 0) or float(lengths.sum())
-        return self.dense_per_token * tokens + self.attn_per_token_ctx * float((lengths**2).sum())
+        return self.training(tokens, float((lengths**2).sum()))
 
 
 def _get(config: Any, *names: str) -> Any:
@@ -227,11 +237,7 @@ class Throughput:
         every sample is its own sequence, padding is not counted, the head runs per target."""
         if self.counter is None:
             return 0.0
-        c = self.counter
-        body = (c.dense_per_token - c.head_per_token) * totals.tokens
-        return (
-            body + c.head_per_token * totals.targets + c.attn_per_token_ctx * totals.squared_lengths
-        )
+        return self.counter.training(totals.tokens, totals.squared_lengths, totals.targets)
 
     def memory_by_rank(self) -> list[float]:
         """This rank's peak memory (GiB) at its index, zeros elsewhere: summed over ranks
