@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-TOLERANCE = 1e-5  # max |logit difference| for exports that are exact copies (any dtype)
-MERGE_REL_TOLERANCE = 1e-2  # bf16/fp16 merges: W + s*BA is rounded once more than unmerged
+from distft.tolerance import Kind, bound
 
 _PROBE_CONVERSATION = [
     {"role": "user", "content": "Reverse the order of these words: cat dog sun"},
@@ -62,17 +61,23 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def check(what: str, got: list[torch.Tensor], want: list[torch.Tensor], tol: float) -> float:
-    diff = max_diff(got, want)
+def check(
+    what: str, got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype, kind: Kind
+) -> str:
+    """'max |Δ| D (bound B)' for the logits; VerificationFailed above what rounding
+    explains for `kind` in `dtype` at the logits' magnitude (`distft.tolerance`)."""
+    diff, tol = max_diff(got, want), bound(want, dtype, kind)
     if not diff <= tol:  # also catches NaN
-        raise VerificationFailed(f"{what}: logits differ by {diff:.3g} (tolerance {tol:.0e})")
-    return diff
+        raise VerificationFailed(
+            f"{what}: logits differ by {diff:.3g} (tolerance {tol:.3g}: {kind.value} in {dtype})"
+        )
+    return f"max |Δ| {diff:.2e} (bound {tol:.2e})"
 
 
-def check_changes(got: list[torch.Tensor], base: list[torch.Tensor]) -> float:
-    """A LoRA adapter must change the outputs of its base model."""
+def check_changes(got: list[torch.Tensor], base: list[torch.Tensor], dtype: torch.dtype) -> float:
+    """A LoRA adapter must change the outputs of its base model by more than rounding."""
     diff = max_diff(got, base)
-    if not diff > TOLERANCE:
+    if not diff > bound(base, dtype, Kind.RECOMPUTED):
         raise VerificationFailed(
             f"the adapter does not change the base model's logits (max |Δ| {diff:.3g})"
         )

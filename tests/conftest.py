@@ -28,3 +28,15 @@ def trained(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> dict[
     from tests.reference_runs import train_all
 
     return train_all(tiny, Path(tmp_path_factory.mktemp("trained")))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where CUDA is; elsewhere they skip and say why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: BENCHMARKS.md)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

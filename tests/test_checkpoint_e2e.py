@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from distft.tolerance import Kind, assert_close
 from tests.support import (
     DISTFT,
     REPO,
@@ -73,6 +75,10 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_identical(run: Path, ref: Path) -> None:
+    """Exact on purpose: a resume on the same world size restores every tensor, optimizer
+    state and RNG bit for bit, and replays the same batches through the same kernels on
+    the same machine in the same order (torch's CPU allocator aligns every buffer to 64
+    bytes, so even alignment-dependent BLAS paths repeat). Any difference is a bug."""
     assert losses(run) == losses(ref)  # exact float equality, every step
     a, b = weights(run), weights(ref)
     assert a.keys() == b.keys()
@@ -242,13 +248,14 @@ def test_two_workers_to_one_resumes_through_universal_checkpoint(
     assert (out / "checkpoints" / ".universal" / "step_00000017" / "zero").is_dir()
     mine, theirs = losses(out), losses(ref)
     assert mine.keys() == theirs.keys()
-    for step in mine:
-        assert mine[step] == pytest.approx(theirs[step], abs=1e-5), step
+    for step in mine:  # reductions over 1 rank instead of 2: reassociated sums
+        assert_close(mine[step], theirs[step], torch.float32, Kind.REASSOCIATED, f"step {step}")
 
     def seen(run: Path) -> list[float]:
         return [r["train/samples_seen"] for r in read_metrics(run) if "train/samples_seen" in r]
 
     assert seen(out) == seen(ref)  # the same samples, step by step, on 1 worker as on 2
     a, b = weights(out), weights(ref)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    lr = yaml.safe_load(cfg.read_text())["optim"]["lr"]
+    for k in a:  # Adam: rounding in the gradients moves weights relative to lr per step
+        assert_close(a[k], b[k], torch.float32, Kind.REASSOCIATED, k, lr * len(mine))

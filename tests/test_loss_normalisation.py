@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from distft.tolerance import Kind, assert_close
 from tests.support import read_metrics, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
 SPLITS = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2)}  # micro x accum x workers
 STEPS = 5
+LR = 3e-3
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def finals(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
             cluster={"num_workers": workers},
             data={"eval_files": [], "batching": "padded", "shuffle": True},
             deepspeed={"zero_stage": 2, "precision": "fp32"},
-            optim={"lr": 3e-3, "warmup_steps": 1, "weight_decay": 0.01, "max_grad_norm": 1.0},
+            optim={"lr": LR, "warmup_steps": 1, "weight_decay": 0.01, "max_grad_norm": 1.0},
         )
         cfg["logging"]["wandb"]["mode"] = "disabled"
         proc = run_cli("train", str(write_config(run.parent / "config.yaml", cfg)))
@@ -56,8 +59,10 @@ def test_same_weights_whatever_the_split(finals: dict[str, Path], tiny: Any) -> 
     for name in ("2x2x2", "1x4x2"):
         got = load_file(finals[name] / "final" / "model.safetensors")
         assert got.keys() == ref.keys()
-        diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
-        assert diff <= 1e-6, f"{name} vs 8x1x1: max |Δw| {diff:.3g}"
+        # Another split reassociates the gradient sums; Adam turns a gradient's rounding
+        # into an update error relative to the update (at most lr per step), not to |w|.
+        for k in ref:
+            assert_close(got[k], ref[k], torch.float32, Kind.REASSOCIATED, name, LR * STEPS)
 
 
 def test_same_loss_and_grad_norm_every_step(finals: dict[str, Path]) -> None:
@@ -70,8 +75,9 @@ def test_same_loss_and_grad_norm_every_step(finals: dict[str, Path]) -> None:
     for name in ("2x2x2", "1x4x2"):
         for (s, loss, norm), (s2, loss2, norm2) in zip(ref, curve(finals[name]), strict=True):
             assert s == s2
-            assert loss2 == pytest.approx(loss, abs=1e-6), (name, s)
-            assert norm2 == pytest.approx(norm, rel=1e-5), (name, s)
+            # the same per-token terms summed in other groups (and other padded shapes)
+            assert_close(loss2, loss, torch.float32, Kind.REASSOCIATED, f"{name} loss {s}")
+            assert_close(norm2, norm, torch.float32, Kind.REASSOCIATED, f"{name} norm {s}")
 
 
 def test_micro_batches_differ_in_target_tokens(tiny: Any) -> None:

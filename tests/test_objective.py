@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from distft.data import IGNORE, collate
 from distft.objective import nll_sum, output_head
+from distft.tolerance import Kind, assert_close
 
 
 def llama(tied: bool) -> Any:
@@ -73,8 +74,12 @@ def test_target_rows_only_give_the_full_loss_and_gradients(kind: str) -> None:
     assert not head._forward_pre_hooks  # the selection hook is gone
     ref = reference(model, b)
     ref.backward()
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
-    assert torch.allclose(ours_grads, grads(model), atol=1e-6, rtol=1e-5)
+    # the head on the target rows alone vs on every row: other matmul shapes, so other
+    # blocking of the same dot products (reassociated); gradients relative to their size
+    assert_close(ours.item(), ref.item(), torch.float32, Kind.REASSOCIATED, "loss")
+    want = grads(model)
+    scale = float(want.abs().max())
+    assert_close(ours_grads, want, torch.float32, Kind.REASSOCIATED, "grads", scale)
     # outside the objective, the model's logits are untouched
     assert model(input_ids=b.input_ids).logits.shape == (*b.input_ids.shape, 97)
 
@@ -91,4 +96,5 @@ def test_a_model_without_output_embeddings_gets_the_full_logits_path() -> None:
     model = Bare()
     assert output_head(model) is None
     b = batch()
-    assert nll_sum(model, b).item() == pytest.approx(reference(model, b).item(), rel=1e-6)
+    got, want = nll_sum(model, b).item(), reference(model, b).item()
+    assert_close(got, want, torch.float32, Kind.REASSOCIATED, "loss")

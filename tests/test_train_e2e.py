@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from distft.data import encode, read_conversations
+from distft.tolerance import Kind, assert_close
 from tests.reference_runs import RUNS, TrainedRun
 from tests.support import read_metrics, run_cli, tiny_config, wandb_history, write_config
 
@@ -59,7 +60,7 @@ def test_run_trains_and_reports_eval_loss(run) -> None:
         for r in rows
         if "train/loss" in r
     )
-    assert rows[-1]["eval/loss"] == pytest.approx(after, abs=1e-4)
+    assert rows[-1]["eval/loss"] == pytest.approx(after, abs=5e-5)  # printed with 4 decimals
     saved = (out / "config.yaml").read_text()
     assert "zero_stage" in saved
 
@@ -86,7 +87,8 @@ def test_saved_model_reloads_with_plain_hf_and_matches_engine(run, tiny: Any) ->
     model.eval()
     engine_loss = read_metrics(out)[-1]["eval/loss"]
     ours = plain_eval_loss(model, tokenizer, tiny.eval_file, cfg["data"]["max_seq_len"])
-    assert ours == pytest.approx(engine_loss, abs=1e-5), (ours, engine_loss)
+    # the engine's batched, padded evaluation vs one sample at a time: reassociated sums
+    assert_close(ours, engine_loss, torch.float32, Kind.REASSOCIATED, "eval loss")
 
 
 def test_zero3_really_shards(run) -> None:
