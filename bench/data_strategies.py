@@ -92,7 +92,8 @@ def epoch_batches(split: Split, batching: str, micro: int, max_seq_len: int, att
             "checkpoint": {"output_dir": "unused"},
         }
     )
-    tb = TrainBatches(split, cfg, DistContext(0, 1, 0, torch.device("cpu")), pad)
+    # a Llama: no sliding windows, so packed rows get distft's block-diagonal mask
+    tb = TrainBatches(split, cfg, DistContext(0, 1, 0, torch.device("cpu")), pad, windowed=False)
     return [b for s in range(tb.steps_per_epoch) for b in tb.for_step(s)]
 
 

@@ -54,7 +54,7 @@ def _check_data(cfg: config_mod.Config) -> None:
     """Record-level problems are reported before any worker starts (local sources)."""
     from distft.data import check_records
 
-    check_records(cfg.data)
+    check_records(cfg)
 
 
 @app.command()

@@ -1,20 +1,27 @@
 """Throughput accounting: model FLOPs per step, MFU and peak memory per worker.
 
-Model FLOPs of one training step (forward + backward), for a decoder-only transformer with
-L layers, hidden size d, H query heads and K key/value heads of size Q, a gated MLP of
-width I (3 matrices) and a vocabulary of V:
+Weights. N is counted from what the model holds, not from a formula per family: the model
+class is built from its config on the meta device (no memory, no init) and every matmul
+weight a token multiplies is summed:
 
-    N = L * (d*H*Q + 2*d*K*Q + H*Q*d + 3*d*I) + d*V     weights that take part in a matmul
+- every weight of two or more dimensions (`nn.Linear`, GPT-2's `Conv1D`, fused q/k/v or
+  gate/up projections, routers) except the input embeddings, which are lookups;
+- routed experts (parameters under a module named `experts`, fused 3-D `[E, out, in]` or a
+  list of E expert modules) scaled by top-k / E: a token visits `num_experts_per_tok` of
+  them; shared experts, their gates and the router run for every token and count whole;
+- the LM head, d*V, counted even when it is tied to the input embedding.
 
-The input embedding is a lookup (no FLOPs); the LM head is counted even when it is tied.
 A matmul with n weights costs 2n FLOPs per token forward and 4n backward (2n for the
 gradient of its input, 2n for the gradient of its weights): 6N per token (Kaplan et al.
 2020). Attention adds, per layer, QK^T and AV: 4*H*Q*T per token forward at context T,
-3x that with backward, i.e. 12*L*H*Q*T per token, or 12*L*H*Q*s^2 for a sequence of s
-tokens (PaLM, Chowdhery et al. 2022, app. B). Like PaLM, nanoGPT and torchtitan we count
-the full score matrix, not its causal half, so MFU compares with published figures. So
+3x that with backward, i.e. 12*H*Q*s^2 per layer for a sequence of s tokens (PaLM,
+Chowdhery et al. 2022, app. B), H query heads of size Q. Like PaLM, nanoGPT and torchtitan
+we count the full score matrix, twice the causal half that is computed, so MFU compares
+with published figures: s^2 = 2 x (the s(s+1)/2 pairs a causal mask allows) - s. A layer
+with a sliding window of w tokens counts its pairs the same way, 2 x pairs - s, which is
+s^2 - m(m+1) with m = max(s - w, 0): the window removes m(m+1)/2 pairs. So
 
-    full fine-tuning:  6*N * tokens + 12*L*H*Q * sum(s^2 over sequences)
+    full fine-tuning:  6*N * tokens + sum over layers and sequences of 12*H*Q*s^2 (windowed)
     LoRA:              (4*N + 6*N_lora) * tokens + the same attention term
 
 LoRA: the frozen base still runs forward (2N) and back-propagates through activations
@@ -25,8 +32,9 @@ distft's loop runs the LM head (d*V of N) only at positions with a target
 Only real tokens count (padding is wasted work, not model FLOPs); a packed row counts each
 of its samples as its own sequence (attention is isolated). Activation recomputation
 (gradient checkpointing) is not counted: MFU counts model FLOPs, not hardware FLOPs.
-Biases and norms are left out (well under 0.1%). A mixture-of-experts MLP counts the
-`num_experts_per_tok` experts a token visits.
+Biases, norms, rotary embeddings and softmax are left out (well under 0.1%). Not modelled:
+chunked attention (Llama 4) counts as full, and attention with value heads of another size
+than the query heads (MLA) counts the query head size for both matmuls.
 
 MFU = model FLOPs per second per worker / the device's peak dense FLOP/s. The peak comes
 from `logging.peak_tflops` when set, else from `PEAK_TFLOPS` for bf16/fp16 runs on a known
@@ -35,11 +43,15 @@ GPU; otherwise (CPU, fp32, unknown GPU) no MFU is reported.
 
 from __future__ import annotations
 
+import copy
+import re
 import resource
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -48,18 +60,22 @@ if TYPE_CHECKING:
     from distft.dist import DistContext
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's data
-# sheets. Matched in order against torch.cuda.get_device_name(): specific names first.
+# sheets. An entry matches when all its words are words of torch.cuda.get_device_name()
+# ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L40S"); the entry with the
+# most words wins, so "H100 PCIe" beats "H100", and "L4" never matches an L40 or L40S.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("B200", 2250.0),
     ("H200", 989.0),
+    ("H200 NVL", 835.0),
     ("GH200", 989.0),
+    ("H100", 989.0),  # SXM
     ("H100 NVL", 835.0),
     ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM
     ("H800", 989.0),
     ("A100", 312.0),
     ("A800", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("A10", 125.0),
 )
@@ -69,31 +85,57 @@ GIB = float(1 << 30)
 @dataclass(frozen=True)
 class FlopCounter:
     """Training FLOPs of a batch: `dense_per_token` per real token plus
-    `attn_per_token_ctx` x s^2 for each sequence of s tokens (see the module docstring)."""
+    `attn_per_token_ctx` x s^2 for each sequence of s tokens, less `c` x m(m+1), m = s - w,
+    for each `(w, c)` of `windows` when s > w (layers with a sliding window of w; see the
+    module docstring)."""
 
     dense_per_token: float
     attn_per_token_ctx: float
     head_per_token: float = 0.0  # the LM head's part of dense_per_token
+    windows: tuple[tuple[int, float], ...] = ()  # (window, its layers' part of attn)
 
     def training(
-        self, tokens: float, squared_lengths: float, targets: float | None = None
+        self,
+        tokens: float,
+        squared_lengths: float,
+        targets: float | None = None,
+        lengths: Sequence[int] | np.ndarray | None = None,
     ) -> float:
         """FLOPs of a training pass over sequences holding `tokens` real tokens whose
         squared lengths sum to `squared_lengths`; with `targets`, the LM head runs only at
-        that many positions (distft), else at every token (a plain forward)."""
+        that many positions (distft), else at every token (a plain forward). Windowed
+        layers need the sequence `lengths`; without them they count as full attention."""
         head = self.head_per_token * (tokens if targets is None else targets)
         body = (self.dense_per_token - self.head_per_token) * tokens
-        return body + head + self.attn_per_token_ctx * squared_lengths
+        attn = self.attn_per_token_ctx * squared_lengths
+        if self.windows and lengths is not None:
+            s = np.asarray(lengths, dtype=np.float64)
+            for w, coeff in self.windows:
+                m = np.maximum(s - w, 0.0)
+                attn -= coeff * float((m * (m + 1)).sum())
+        return body + head + attn
 
     def sequence(self, s: int) -> float:
         """FLOPs of one training pass over one sequence of `s` tokens."""
-        return self.training(s, s * s)
+        return self.training(s, s * s, lengths=[s])
 
     def batch(self, batch: Any, pad_id: int | None = None) -> float:
         """A batch's FLOPs; its real tokens are `batch.n_tokens` when it carries them."""
         lengths = sequence_lengths(batch, pad_id).double()
         tokens = getattr(batch, "n_tokens", 0) or float(lengths.sum())
-        return self.training(tokens, float((lengths**2).sum()))
+        return self.training(tokens, float((lengths**2).sum()), lengths=lengths.numpy())
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOPs of a model depend on: matmul weights per token (`weights`, the head
+    included), the head's `head` of them, and per layer the attention width H*Q and the
+    sliding window (None: full attention)."""
+
+    weights: float
+    head: int
+    attn_widths: tuple[int, ...]
+    windows: tuple[int | None, ...]
 
 
 def _get(config: Any, *names: str) -> Any:
@@ -104,45 +146,103 @@ def _get(config: Any, *names: str) -> Any:
     return None
 
 
-def model_shape(config: Any) -> tuple[int, int, int]:
-    """(N matmul weights, layers L, attention width H*Q) from a Hugging Face model config.
-
-    Needs the Llama-family fields (Llama, Mistral, Qwen, Gemma, Phi-3 ... and their MoE
-    variants); raises ValueError naming the missing one otherwise."""
-    config = getattr(config, "text_config", None) or config
-    d = _get(config, "hidden_size", "n_embd", "d_model")
-    layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
-    heads = _get(config, "num_attention_heads", "n_head")
-    vocab = _get(config, "vocab_size")
-    mlp = _get(config, "moe_intermediate_size", "intermediate_size", "n_inner")
-    missing = [
-        name
-        for name, v in (("hidden_size", d), ("num_hidden_layers", layers),
-                        ("num_attention_heads", heads), ("vocab_size", vocab),
-                        ("intermediate_size", mlp))
-        if v is None
-    ]  # fmt: skip
-    if missing:
-        raise ValueError(f"model config has no {', '.join(missing)}: cannot count FLOPs")
-    kv = _get(config, "num_key_value_heads") or heads
-    head_dim = _get(config, "head_dim") or d // heads
-    experts = _get(config, "num_experts_per_tok") or 1
-    attn_width = heads * head_dim
-    per_layer = d * attn_width + 2 * d * kv * head_dim + attn_width * d + 3 * d * mlp * experts
-    return layers * per_layer + d * vocab, layers, attn_width
+def text_config(config: Any) -> Any:
+    """The language model's config (a multimodal config holds it as `text_config`)."""
+    return getattr(config, "text_config", None) or config
 
 
-def flop_counter(config: Any, lora_params: int | None = None) -> FlopCounter:
+def layer_windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window in tokens (None: full attention), as Hugging Face's masks
+    apply them: `layer_types` where the config has them ("sliding_attention" layers get
+    `sliding_window`), else `sliding_window` on every layer (Mistral, Phi-3). A query at
+    position i sees the keys at positions i-w+1 .. i."""
+    config = text_config(config)
+    layers = _get(config, "num_hidden_layers", "n_layer", "num_layers") or 0
+    window = getattr(config, "sliding_window", None) or None
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [window] * layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def meta_model(config: Any, model_cls: Any = None) -> Any:
+    """The model of `config` built on the meta device (shapes only, eager attention), with
+    `model_cls` (the class of a model already built, remote code included) or
+    AutoModelForCausalLM. The config is copied: building sets its attention fields."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    try:
+        with torch.device("meta"):
+            if model_cls is not None:
+                return model_cls._from_config(config, attn_implementation="eager")
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as e:
+        raise ValueError(
+            f"cannot build {config.__class__.__name__}'s model to count it: {e}"
+        ) from e
+
+
+def count_weights(model: Any, config: Any) -> tuple[float, int]:
+    """(matmul weights a token multiplies, LM head weights) of `model` (see the docstring)."""
+    config = text_config(config)
+    head_module = model.get_output_embeddings()
+    if head_module is None:
+        raise ValueError("the model has no output embeddings: cannot count FLOPs")
+    head_weight = head_module.weight
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    skip.add(id(head_weight))
+    top_k = _get(config, "num_experts_per_tok", "moe_top_k", "top_k")
+    total = 0.0
+    for name, p in model.named_parameters():
+        if id(p) in skip or p.dim() < 2:
+            continue
+        parts = name.split(".")
+        if "experts" not in parts[:-1]:
+            total += p.numel()
+            continue
+        if top_k is None:
+            raise ValueError("the model has experts but its config no num_experts_per_tok")
+        at = parts.index("experts")
+        if parts[at + 1].isdigit():  # a list of expert modules
+            n_experts = len(list(model.get_submodule(".".join(parts[: at + 1])).children()))
+            total += p.numel() * top_k / n_experts
+        elif p.dim() == 3:  # fused [experts, out, in]; a fused 2-D tensor is a bias
+            total += p.numel() * top_k / p.shape[0]
+    head = head_weight.numel()
+    return total + head, head
+
+
+def model_shape(config: Any, model_cls: Any = None) -> ModelShape:
+    """The counted shape of the model `config` describes (built on the meta device)."""
+    model = meta_model(config, model_cls)
+    weights, head = count_weights(model, config)
+    tc = text_config(config)
+    d = _get(tc, "hidden_size", "n_embd", "d_model")
+    heads = _get(tc, "num_attention_heads", "n_head")
+    if d is None or heads is None:
+        raise ValueError("model config has no hidden_size/num_attention_heads: cannot count")
+    head_dim = _get(tc, "head_dim") or d // heads
+    windows = layer_windows(config)
+    return ModelShape(weights, head, (heads * head_dim,) * len(windows), tuple(windows))
+
+
+def flop_counter(config: Any, lora_params: int | None = None, model_cls: Any = None) -> FlopCounter:
     """Full fine-tuning (`lora_params=None`) or LoRA with `lora_params` adapter weights."""
-    n, layers, attn_width = model_shape(config)
-    config = getattr(config, "text_config", None) or config
-    head = float(_get(config, "hidden_size", "n_embd", "d_model") * _get(config, "vocab_size"))
-    per_weight = 6.0 if lora_params is None else 4.0  # a frozen head: no weight gradient
-    dense = 6.0 * n if lora_params is None else 4.0 * n + 6.0 * lora_params
+    shape = model_shape(config, model_cls)
+    per_weight = 6.0 if lora_params is None else 4.0  # a frozen base: no weight gradient
+    dense = per_weight * shape.weights + (0.0 if lora_params is None else 6.0 * lora_params)
+    by_window: dict[int, float] = {}
+    for width, w in zip(shape.attn_widths, shape.windows, strict=True):
+        if w is not None:
+            by_window[w] = by_window.get(w, 0.0) + 12.0 * width
     return FlopCounter(
         dense_per_token=dense,
-        attn_per_token_ctx=12.0 * layers * attn_width,
-        head_per_token=per_weight * head,
+        attn_per_token_ctx=12.0 * sum(shape.attn_widths),
+        head_per_token=per_weight * shape.head,
+        windows=tuple(sorted(by_window.items())),
     )
 
 
@@ -185,8 +285,19 @@ def peak_tflops(device: torch.device, precision: str, configured: float | None) 
         return configured
     if device.type != "cuda" or precision not in ("bf16", "fp16"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf for key, tf in PEAK_TFLOPS if key in name), None)
+    return peak_of_name(torch.cuda.get_device_name(device))
+
+
+def peak_of_name(name: str) -> float | None:
+    """The `PEAK_TFLOPS` entry of a device name as torch reports it: the most specific one
+    whose words are all in the name (None when none is)."""
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    best: tuple[int, float] | None = None
+    for key, tflops in PEAK_TFLOPS:
+        need = key.lower().split()
+        if set(need) <= words and (best is None or len(need) > best[0]):
+            best = (len(need), tflops)
+    return None if best is None else best[1]
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -218,8 +329,10 @@ class Throughput:
         from distft.model import count_params
 
         lora = count_params(model)[0] if cfg.lora.enabled else None
+        inner = getattr(model, "module", model)  # a DeepSpeed engine's model
+        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
         try:
-            counter: FlopCounter | None = flop_counter(model.config, lora)
+            counter: FlopCounter | None = flop_counter(inner.config, lora, type(base))
         except ValueError as e:
             counter = None
             dist.log(f"no FLOPs/MFU metrics: {e}")
@@ -237,7 +350,9 @@ class Throughput:
         every sample is its own sequence, padding is not counted, the head runs per target."""
         if self.counter is None:
             return 0.0
-        return self.counter.training(totals.tokens, totals.squared_lengths, totals.targets)
+        return self.counter.training(
+            totals.tokens, totals.squared_lengths, totals.targets, totals.lengths
+        )
 
     def memory_by_rank(self) -> list[float]:
         """This rank's peak memory (GiB) at its index, zeros elsewhere: summed over ranks

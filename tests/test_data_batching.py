@@ -1,7 +1,8 @@
 """Batching strategies against one-by-one training with the tiny model (fp32, CPU):
 packed and length-grouped steps give the same loss and gradients, packed samples do not
 attend to each other, and the order is a pure, world-size independent function of the
-step."""
+step. The tiny Llama has no sliding window (`windowed=False`: packed rows carry the 4-D
+mask); models with windows are in tests/test_sliding_window.py."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def test_a_step_matches_its_samples_one_by_one(model: Any, split: Split, batchin
     world = 2
     micro_batches, samples = [], []
     for rank in range(world):  # every rank runs the same number of micro-batches
-        tb = TrainBatches(split, cfg, ctx(rank, world), pad_id=0)
+        tb = TrainBatches(split, cfg, ctx(rank, world), pad_id=0, windowed=False)
         mine = tb.for_step(1)
         assert len(mine) == cfg.batch.grad_accum
         micro_batches += mine
@@ -204,7 +205,7 @@ def test_length_groups_stay_within_the_budget() -> None:
 
 @pytest.mark.parametrize("batching", STRATEGIES)
 def test_epochs_cover_every_sample_once(split: Split, batching: str) -> None:
-    tb = TrainBatches(split, make_cfg(batching, 2, 1), ctx(0, 1), pad_id=0)
+    tb = TrainBatches(split, make_cfg(batching, 2, 1), ctx(0, 1), 0, windowed=False)
     orders = []
     for epoch in (0, 1):
         units = tb.units(epoch)
@@ -226,7 +227,7 @@ def test_step_windows_do_not_depend_on_world_size(split: Split, batching: str) -
         for step in range(3):
             samples = []
             for rank in range(world):
-                tb = TrainBatches(split, cfg, ctx(rank, world), pad_id=0)
+                tb = TrainBatches(split, cfg, ctx(rank, world), pad_id=0, windowed=False)
                 micro = tb.indices_for_step(step)
                 assert len(micro) == accum  # equal micro-batch counts on every rank
                 samples += [int(i) for rows in micro for row in rows for i in row]
@@ -250,10 +251,10 @@ def test_step_layout_names_what_a_resplit_must_keep() -> None:
 @pytest.mark.parametrize("batching", STRATEGIES)
 def test_resume_at_any_step_sees_the_same_batches(split: Split, batching: str) -> None:
     cfg = make_cfg(batching, 2, 2, epochs=3)
-    ran = TrainBatches(split, cfg, ctx(1, 2), pad_id=0)
+    ran = TrainBatches(split, cfg, ctx(1, 2), pad_id=0, windowed=False)
     history = [ran.for_step(s) for s in range(ran.total_steps)]
     for s in (0, ran.steps_per_epoch - 1, ran.steps_per_epoch, ran.total_steps - 1):
-        fresh = TrainBatches(split, cfg, ctx(1, 2), pad_id=0)  # a restarted worker
+        fresh = TrainBatches(split, cfg, ctx(1, 2), pad_id=0, windowed=False)  # a restarted worker
         for got, want in zip(fresh.for_step(s), history[s], strict=True):
             assert torch.equal(got.input_ids, want.input_ids)
             assert torch.equal(got.labels, want.labels)

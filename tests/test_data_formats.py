@@ -21,6 +21,7 @@ from distft.data import (
     encode,
     read_conversations,
 )
+from distft.data.records import file_records
 from distft.data.templates import BUILTIN, TemplateError, chat_template
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 
@@ -138,6 +139,37 @@ def test_bad_records_of_every_format(tmp_path: Path, fmt: str, record: Any, expe
     assert report.first_skipped == [f"{p}:2: {expected}"]
 
 
+# Line breaks to str.splitlines(), none of them a JSONL line end. The first three are
+# legal raw inside a JSON string (json.dumps(ensure_ascii=False) writes them so); the
+# control characters are not (a record holding one raw is one bad record, on its own line).
+TEXT_BREAKS = ["\u2028", "\u2029", "\x85"]
+CONTROL_BREAKS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
+
+
+def test_jsonl_splits_on_newline_only(tmp_path: Path) -> None:
+    """A JSONL record is one `\\n`-terminated line (a trailing `\\r` is dropped): other
+    line-break characters inside it keep it whole, and later line numbers stay right."""
+    texts = [f"a{c}b" for c in TEXT_BREAKS]
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    lines += ['{"text": "a' + c + 'b"}' for c in CONTROL_BREAKS]
+    lines += [json.dumps({"text": "crlf"}) + "\r", "{not json", json.dumps({"text": "end"})]
+    p = tmp_path / "breaks.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
+    raw = p.read_text(encoding="utf-8")
+    assert all(c in raw for c in TEXT_BREAKS + CONTROL_BREAKS)  # written raw, not escaped
+    n_text, n_ctl = len(TEXT_BREAKS), len(CONTROL_BREAKS)
+    good = [*range(1, n_text + 1), n_text + n_ctl + 1, n_text + n_ctl + 3]
+    bad = [*range(n_text + 1, n_text + n_ctl + 1), n_text + n_ctl + 2]
+    raws = list(file_records(p))
+    assert [where for where, _ in raws] == [f"{p}:{i}" for i in range(1, len(lines) + 1)]
+    errors = [str(r) for _, r in raws if isinstance(r, DataError)]
+    assert [e.split(": invalid JSON (")[0] for e in errors] == [f"{p}:{i}" for i in bad]
+    samples, report = read_conversations([str(p)], "text", on_bad_record="skip")
+    assert [s.text for s in samples] == [*texts, "crlf", "end"]
+    assert [s.source for s in samples] == [f"{p}:{i}" for i in good]
+    assert report.skipped == len(bad)
+
+
 # ----------------------------------------------------------------------------- masking
 
 MULTI = [
@@ -152,9 +184,9 @@ MULTI = [
 def test_train_on_choices(tok: Any) -> None:
     conv = Conversation("c:1", MULTI)
     ids, labels, _ = encode(tok, conv, 1024)
-    assert trained_text(tok, ids, labels) == "dog cat<|end|>\n1 2 3<|end|>\n"
+    assert trained_text(tok, ids, labels) == "dog cat<|end|>1 2 3<|end|>"
     ids, labels, _ = encode(tok, conv, 1024, train_on="last_assistant_turn")
-    assert trained_text(tok, ids, labels) == "1 2 3<|end|>\n"
+    assert trained_text(tok, ids, labels) == "1 2 3<|end|>"
     ids, labels, _ = encode(tok, conv, 1024, train_on="all")
     assert labels[0] == IGNORE and labels[1:] == ids[1:]  # all but the first token
 
@@ -232,7 +264,7 @@ def test_builtin_templates(tok: Any, name: str) -> None:
     extended.add_special_tokens({"additional_special_tokens": list(BUILTIN[name][1])})
     template = chat_template(extended, name)
     ids, labels, _ = encode(extended, Conversation("c:1", MULTI), 1024, template=template)
-    end = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>"}[name]
+    end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[name]  # not the newline after it
     assert trained_text(extended, ids, labels) == f"dog cat{end}1 2 3{end}"
     rendered = extended.decode(ids)
     assert rendered.count("dog cat") == 1 and "Be terse." in rendered

@@ -113,12 +113,12 @@ def test_parquet_csv_json_and_folders(tmp_path: Path, tiny: TinyAssets) -> None:
 
     csv.write_text("instruction,output\nx,y,z\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
-        check_records(cfg.data)
+        check_records(cfg)
     assert str(e.value) == f"{csv}:2: more values than the header has columns"
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     with pytest.raises(DataError) as e:
-        check_records(make_cfg(tmp_path, tiny, train_files=[str(empty)]).data)
+        check_records(make_cfg(tmp_path, tiny, train_files=[str(empty)]))
     assert str(e.value) == f"{empty}: folder holds no .jsonl/.json/.parquet/.csv files"
 
 
@@ -138,7 +138,7 @@ def test_hub_datasets(tmp_path: Path, tiny: TinyAssets, tok: Any, monkeypatch: A
     local.mkdir()
     pq.write_table(pa.Table.from_pylist(RECORDS), local / "train.parquet")
     cfg = make_cfg(tmp_path, tiny, sources=[{"hub": str(local)}])
-    check_records(cfg.data)  # hub sources are left to the workers
+    check_records(cfg)  # hub sources are left to the workers
     splits = prepare(cfg, tok, ONE)
     assert len(splits.train) == 4 and splits.metas[0]["source"] == str(local)
     with pytest.raises(DataError, match=r"Unknown split"):
@@ -250,12 +250,12 @@ def test_check_records_skips_sources_already_parsed(tmp_path: Path, tiny: TinyAs
     cfg = make_cfg(tmp_path, tiny, train_files=[str(data)])
     spec = source_specs(cfg.data, "train")[0]
     assert not is_checked(Path(cfg.data.cache_dir), spec, "error")
-    check_records(cfg.data)
+    check_records(cfg)
     build(cfg, tok)
     assert is_checked(Path(cfg.data.cache_dir), spec, "error")
     jsonl(data, [*RECORDS, {"instruction": 3, "output": "x"}])  # changed: parsed again
     with pytest.raises(DataError, match=rf"^{data}:5: field 'instruction' must be a string"):
-        check_records(cfg.data)
+        check_records(cfg)
 
 
 # ----------------------------------------------------------------------------- stats

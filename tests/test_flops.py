@@ -1,22 +1,30 @@
-"""Model FLOPs, MFU and memory metrics: the counts against hand computations for the tiny
-Llama, and one real 2-worker run whose JSONL and W&B records carry `train/mfu`."""
+"""Model FLOPs, MFU and memory metrics: the count of each model family against
+torch.utils.flop_counter on a real forward and backward, analytic checks of large real
+configs, windowed attention against the masks transformers builds, the peak table, and one
+real 2-worker run whose JSONL and W&B records carry `train/mfu`."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+import transformers as hf
 
+from distft.config import from_dict
+from distft.dist import DistContext
 from distft.flops import (
     FlopCounter,
     Throughput,
     flop_counter,
+    layer_windows,
     model_shape,
     peak_memory_bytes,
+    peak_of_name,
     peak_tflops,
     sequence_lengths,
 )
@@ -31,8 +39,6 @@ HEAD_TINY = 64 * 512  # d * V
 
 
 def tiny_hf_config(**kw: Any) -> Any:
-    from transformers import LlamaConfig
-
     args = dict(
         vocab_size=512,
         hidden_size=64,
@@ -42,12 +48,104 @@ def tiny_hf_config(**kw: Any) -> Any:
         intermediate_size=128,
         tie_word_embeddings=False,
     )
-    return LlamaConfig(**(args | kw))
+    return hf.LlamaConfig(**(args | kw))
+
+
+# One tiny random-init model per family, as its config class builds it (2 layers, hidden 32).
+SMALL = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+FAMILIES: dict[str, Callable[[], Any]] = {
+    "llama": lambda: hf.LlamaConfig(**SMALL),
+    "qwen2": lambda: hf.Qwen2Config(**SMALL),  # q/k/v biases
+    "qwen3": lambda: hf.Qwen3Config(**SMALL, head_dim=16),  # H*Q = 64 > hidden
+    "mistral": lambda: hf.MistralConfig(**SMALL, sliding_window=64),
+    "gemma2": lambda: hf.Gemma2Config(**SMALL, head_dim=16),  # tied head, softcapping
+    "gemma3": lambda: hf.Gemma3TextConfig(**SMALL, head_dim=16),  # Gemma3ForCausalLM
+    "phi3": lambda: hf.Phi3Config(**SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi2": lambda: hf.PhiConfig(**(SMALL | {"num_key_value_heads": 4})),  # fc1/fc2 MLP
+    "gpt2": lambda: hf.GPT2Config(
+        vocab_size=96,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=None,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),  # fmt: skip  # n_inner None: 4 * hidden; Conv1D weights
+    "gpt_neox": lambda: hf.GPTNeoXConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+    ),  # fmt: skip  # fused query_key_value, 2-matrix MLP
+    "mixtral": lambda: hf.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: hf.Qwen2MoeConfig(**SMALL, **MOE, shared_expert_intermediate_size=40),
+    "qwen3_moe": lambda: hf.Qwen3MoeConfig(**SMALL, **MOE),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_matches_torch_flop_counter_on_a_training_pass(family: str) -> None:
+    """The reference is torch's FlopCounterMode over a real forward and backward of the
+    model (eager attention, so QK^T and AV are matmuls it sees; a plain forward, so the
+    head runs at every position, as `sequence` counts it). A routed expert's matmuls run
+    on the tokens routed to it, so however the router splits them, every token pays for
+    exactly top-k experts: the reference needs no routing assumption. Both sides count the
+    same integer multiply-adds, so they must agree exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = FAMILIES[family]()
+    extra = {"experts_implementation": "eager"} if "experts" in str(config.to_dict()) else {}
+    torch.manual_seed(0)
+    model = hf.AutoModelForCausalLM.from_config(config, attn_implementation="eager", **extra)
+    s = 24  # within every window here
+    ids = torch.randint(3, 96, (1, s))
+    with FlopCounterMode(display=False) as reference:
+        model(input_ids=ids, use_cache=False).logits.float().sum().backward()
+    assert reference.get_total_flops() > 1e6
+    assert flop_counter(config).sequence(s) == reference.get_total_flops()
+
+
+def test_big_real_configs_by_hand() -> None:
+    """Pythia-1.4B (GPT-NeoX: 2-matrix MLP, the old gated count read 1.31x too high) and
+    Qwen1.5-MoE-A2.7B (shared expert and its gate, the old count read 0.65x), built on the
+    meta device in well under a second each."""
+    d, layers = 2048, 24
+    pythia = hf.GPTNeoXConfig(
+        vocab_size=50304, hidden_size=d, num_hidden_layers=layers, num_attention_heads=16,
+        intermediate_size=8192,
+    )  # fmt: skip
+    per_layer = 4 * d * d + 2 * d * 8192  # qkv + dense; h->4h, 4h->h
+    assert model_shape(pythia).weights == layers * per_layer + d * 50304 == 1_310_982_144
+    qwen_moe = hf.Qwen2MoeConfig(
+        vocab_size=151936, hidden_size=d, num_hidden_layers=layers, num_attention_heads=16,
+        num_key_value_heads=16, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+    )  # fmt: skip
+    per_layer = (
+        4 * d * d  # q, k, v, o (16 kv heads)
+        + 4 * 3 * d * 1408  # the 4 routed experts a token visits (of 60)
+        + 3 * d * 5632  # the shared expert, always active
+        + d  # its sigmoid gate
+        + 60 * d  # the router
+    )
+    shape = model_shape(qwen_moe)
+    assert shape.weights == layers * per_layer + d * 151936 == 2_377_760_768
+    assert shape.head == d * 151936 and shape.attn_widths == (d,) * layers
 
 
 def test_tiny_model_shape_and_full_finetune_flops_by_hand() -> None:
     assert N_TINY == 106_496
-    assert model_shape(tiny_hf_config()) == (N_TINY, 2, 64)
+    shape = model_shape(tiny_hf_config())
+    assert (shape.weights, shape.head, shape.attn_widths) == (N_TINY, HEAD_TINY, (64, 64))
     counter = flop_counter(tiny_hf_config())
     assert counter == FlopCounter(6.0 * N_TINY, float(ATTN_TINY), 6.0 * HEAD_TINY)
     assert counter.sequence(100) == 6 * N_TINY * 100 + ATTN_TINY * 100**2
@@ -55,44 +153,84 @@ def test_tiny_model_shape_and_full_finetune_flops_by_hand() -> None:
 
 def test_shape_matches_the_matmul_weights_of_the_real_model(tiny: Any) -> None:
     """N = every Linear weight of the built model (the input embedding is a lookup)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
+    model = hf.AutoModelForCausalLM.from_pretrained(tiny.model_dir)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert model_shape(model.config)[0] == linear == N_TINY
+    assert model_shape(model.config).weights == linear == N_TINY
 
 
 def test_lora_counts_4n_for_the_frozen_base_and_6_per_adapter_weight(tiny: Any) -> None:
+    """Through `Throughput.for_run`, as the loop builds it: the peft-wrapped model is
+    counted from its base class, without the adapters' own Linear layers."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from distft.model import count_params
 
-    base = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
+    base = hf.AutoModelForCausalLM.from_pretrained(tiny.model_dir)
     model = get_peft_model(base, LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj"]))
     lora = count_params(model)[0]
     # per layer: q 16*(64+64), k and v 16*(64+32) each; 2 layers
     assert lora == 2 * (16 * 128 + 2 * 16 * 96) == 10_240
-    counter = flop_counter(model.config, lora)
+    cfg = from_dict(
+        {
+            "model": {"name_or_path": str(tiny.model_dir)},
+            "data": {"train_files": ["unused"]},
+            "lora": {"enabled": True},
+            "checkpoint": {"output_dir": "unused"},
+        }
+    )
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    counter = Throughput.for_run(cfg, model, ctx).counter
+    assert counter is not None
     assert counter.dense_per_token == 4 * N_TINY + 6 * 10_240
     assert counter.attn_per_token_ctx == ATTN_TINY  # attention has no weights to freeze
     assert counter.head_per_token == 4 * HEAD_TINY  # the frozen head: no weight gradient
 
 
-def test_mixture_of_experts_counts_the_experts_a_token_visits() -> None:
-    from transformers import MixtralConfig
+def test_layer_windows_as_transformers_applies_them() -> None:
+    gemma2 = hf.Gemma2Config(**SMALL, sliding_window=16)
+    assert gemma2.layer_types == ["sliding_attention", "full_attention"]
+    assert layer_windows(gemma2) == [16, None]
+    assert layer_windows(hf.MistralConfig(**SMALL, sliding_window=16)) == [16, 16]
+    assert layer_windows(hf.Phi3Config(**SMALL, pad_token_id=0, sliding_window=8)) == [8, 8]
+    assert layer_windows(hf.LlamaConfig(**SMALL)) == [None, None]
+    assert layer_windows(hf.Qwen2Config(**SMALL)) == [None, None]  # use_sliding_window off
+    assert layer_windows(hf.Qwen2MoeConfig(**SMALL)) == [None, None]
+    assert layer_windows(hf.MistralConfig(**SMALL, sliding_window=None)) == [None, None]
 
-    cfg = MixtralConfig(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, num_local_experts=8,
-        num_experts_per_tok=2,
-    )  # fmt: skip
-    n, _, _ = model_shape(cfg)
-    assert n == N_TINY + 2 * 3 * 64 * 128  # one more expert's MLP per layer
+
+@pytest.mark.parametrize("s", [10, 16, 17, 40, 100])
+def test_windowed_attention_counts_the_pairs_the_real_masks_allow(s: int) -> None:
+    """Per layer and sequence, attention counts 12*H*Q*(2*pairs - s), pairs being the
+    (query, key) pairs the layer's mask allows: s^2 for a causal mask (the PaLM convention)
+    and s^2 - (s - w)(s - w + 1) for a window of w < s. The masks are the ones transformers
+    builds for Gemma-2's sliding and full layers."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = hf.Gemma2Config(**SMALL, head_dim=16, sliding_window=16)
+    config._attn_implementation = "sdpa"
+    args = dict(
+        config=config,
+        inputs_embeds=torch.zeros(1, s, 32),
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=torch.arange(s)[None],
+        allow_is_causal_skip=False,
+    )
+    pairs = [
+        int(create_sliding_window_causal_mask(**args).sum()),
+        int(create_causal_mask(**args).sum()),
+    ]
+    assert pairs[1] == s * (s + 1) // 2
+    counter = flop_counter(config)
+    attention = counter.sequence(s) - counter.dense_per_token * s
+    assert attention == sum(12 * 4 * 16 * (2 * p - s) for p in pairs)
+    assert counter.windows == ((16, 12.0 * 4 * 16),)
+    if s > 16:  # without the lengths, the windowed layer counts as full: an upper bound
+        assert counter.training(s, s * s) > counter.sequence(s)
 
 
-def test_config_without_the_needed_fields_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="intermediate_size"):
+def test_config_that_cannot_be_built_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="cannot build SimpleNamespace"):
         model_shape(SimpleNamespace(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                                     vocab_size=10))  # fmt: skip
 
@@ -139,6 +277,32 @@ def test_step_flops_count_every_sample_as_its_own_sequence() -> None:
     perf.counter = FlopCounter(10.0, 1.0, head_per_token=4.0)
     assert perf.flops(StepTotals(targets=3, tokens=7, squared_lengths=15)) == 6 * 7 + 4 * 3 + 15
     assert Throughput(None, None, 0, 2, torch.device("cpu")).flops(StepTotals(1, 7, 15)) == 0
+    # a window of 2 on half the attention: the 3-token sample loses m(m+1) = 2 there
+    perf.counter = FlopCounter(10.0, 1.0, head_per_token=4.0, windows=((2, 0.5),))
+    totals = StepTotals(targets=3, tokens=7, squared_lengths=15, lengths=(3, 2, 1, 1))
+    assert perf.flops(totals) == 6 * 7 + 4 * 3 + 15 - 0.5 * 2
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA A10G", None),  # not in the table: no guess from a longer name
+        ("Tesla T4", None),
+    ],
+)
+def test_peak_table_matches_the_most_specific_name(name: str, peak: float | None) -> None:
+    assert peak_of_name(name) == peak
 
 
 def test_peak_table_config_wins_and_cpu_or_fp32_has_none() -> None:

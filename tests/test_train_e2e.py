@@ -120,11 +120,34 @@ def test_wandb_offline_records_hold_the_logged_losses(run) -> None:
     assert any("eval/loss" in row for _, row in history)
 
 
-def test_worker_side_data_error_is_one_line_exit_2(tiny: Any, tmp_path: Path) -> None:
-    """Every sample loses its assistant turn to truncation: found in the workers. Bad input
-    is not a crash: with restarts allowed, it still ends the run at the first attempt."""
+def test_data_error_in_the_first_records_is_found_before_ray(tiny: Any, tmp_path: Path) -> None:
+    """Every sample loses its assistant turn to truncation: `train` encodes the first
+    records with the real tokenizer before any worker starts (one line, exit 2)."""
     out = tmp_path / "run"
     cfg = tiny_config(tiny, out, data={"max_seq_len": 12, "eval_files": []})
+    proc = run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert re.match(r"error: .*train\.jsonl:1: no trainable tokens after truncation", errors[0])
+    assert not (out / "launches.jsonl").exists()  # no worker group was started
+
+
+def test_worker_side_data_error_is_one_line_exit_2(tiny: Any, tmp_path: Path) -> None:
+    """A bad record past the ones the driver encodes (the first 2,000 and every 100th
+    after them, `distft.data.pipeline.VALIDATE_FIRST`) is found in the workers. Bad input
+    is not a crash: with restarts allowed, it still ends the run at the first attempt."""
+    from distft.data.pipeline import VALIDATE_EVERY, VALIDATE_FIRST
+
+    lines = tiny.train_file.read_text().splitlines()[:VALIDATE_FIRST]
+    lines += tiny.eval_file.read_text().splitlines()[: VALIDATE_EVERY - 1]
+    bad_at = VALIDATE_FIRST + VALIDATE_EVERY // 2  # a 0-based index the driver skips
+    # an instruction longer than max_seq_len: truncation leaves no answer token
+    lines[bad_at] = json.dumps({"instruction": "cat dog " * 200, "output": "sun"})
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny, out, data={"train_files": [str(data)], "eval_files": []})
     cfg["cluster"]["max_failures"] = 3
     proc = run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -133,4 +156,7 @@ def test_worker_side_data_error_is_one_line_exit_2(tiny: Any, tmp_path: Path) ->
     assert "restarting the workers" not in proc.stderr
     starts = [json.loads(line) for line in (out / "launches.jsonl").read_text().splitlines()]
     assert [s["restart"] for s in starts] == [0], starts
-    assert re.match(r"error: .*train\.jsonl:\d+: no trainable tokens after truncation", errors[0])
+    line = bad_at + 1
+    assert re.match(
+        rf"error: .*train\.jsonl:{line}: no trainable tokens after truncation", errors[0]
+    )

@@ -32,7 +32,7 @@ from distft.data.records import DataError, Raw, data_files, file_records, hub_re
 from distft.data.store import TokenArrays
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sentinel-located assistant turns (data/templates.py)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,13 @@ not depend on what it is batched with):
   a micro-batch is `micro_batch_size` packs. Positions restart at 0 for every sample and a
   block-diagonal causal 4-D mask keeps samples from attending to each other (bool for
   SDPA, additive float for eager). With `flash_attention_2` the packs of a micro-batch are
-  one row and the position ids alone select the varlen kernel.
+  one row and the position ids alone select the varlen kernel (with the layer's window).
+  A model with sliding-window layers shorter than `max_seq_len` (Mistral-v0.1, Phi-3,
+  Gemma-2/3, whose layers alternate) gets no mask: transformers sees the packed position
+  ids with no mask and builds, for each layer type, the block-diagonal causal mask with
+  that layer's window band. One 4-D mask cannot serve both layer types, and a 4-D mask
+  passed in is used as is, without the window. (Measured on CPU, the library's mask costs
+  about twice the numpy one, so models without a window keep theirs.)
 - `length_grouped`: a unit is a whole micro-batch of similar-length samples whose padded
   size (rows x longest) is at most `micro_batch_size x max_seq_len` tokens.
 
@@ -32,12 +38,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from distft.config import Config
+from distft.config import Config, ModelConfig
 from distft.data.packing import Units, best_fit_decreasing, length_groups, tie_shuffle
 from distft.data.records import DataError
 from distft.data.store import Split
 from distft.data.tokenize import IGNORE
 from distft.dist import DistContext
+from distft.flops import layer_windows
 
 Row = list[tuple[np.ndarray, np.ndarray]]  # the (ids, labels) samples of one row
 
@@ -45,11 +52,12 @@ Row = list[tuple[np.ndarray, np.ndarray]]  # the (ids, labels) samples of one ro
 @dataclass(frozen=True)
 class StepTotals:
     """One optimizer step over all ranks: predicted tokens (the loss normaliser), real
-    tokens, and the sum of squared sample lengths (attention FLOPs)."""
+    tokens, the sum of squared sample lengths and the lengths (attention FLOPs)."""
 
     targets: int
     tokens: int
     squared_lengths: int
+    lengths: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,12 +75,15 @@ class Batch:
         """Tokens that contribute to the loss (labels are shifted by one)."""
         return int((self.labels[:, 1:] != IGNORE).sum())
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        out = {"input_ids": self.input_ids}
+    def model_inputs(self) -> dict[str, torch.Tensor | bool]:
+        out: dict[str, torch.Tensor | bool] = {"input_ids": self.input_ids}
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids
+            # No cache: transformers finds packed samples in the position ids only without
+            # one (masking_utils._preprocess_mask_arguments), and training needs none.
+            out["use_cache"] = False
         return out
 
     def to(self, device: torch.device) -> Batch:
@@ -88,8 +99,10 @@ class Batch:
         )
 
 
-def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa") -> Batch:
-    """Right-pad rows to the longest; a row of several samples is packed (isolated)."""
+def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa", windowed: bool = False) -> Batch:
+    """Right-pad rows to the longest; a row of several samples is packed (isolated). With
+    `windowed` (a model with sliding windows) packed rows carry position ids and no mask,
+    and transformers builds each layer's mask from them."""
     packed = any(len(r) > 1 for r in rows)
     if packed and attn == "flash_attention_2":
         rows = [[s for r in rows for s in r]]  # one row: varlen kernel from position ids
@@ -116,7 +129,7 @@ def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa") -> Batch:
         # keeps its fast mask-free causal path.
         return Batch(out_ids, out_labels, None, None, real)
     position_ids = torch.from_numpy(pos)
-    if attn == "flash_attention_2":
+    if attn == "flash_attention_2" or windowed:
         return Batch(out_ids, out_labels, None, position_ids, real)
     causal = np.tril(np.ones((width, width), dtype=bool))
     block = (seg[:, :, None] == seg[:, None, :]) & causal
@@ -163,8 +176,19 @@ def step_layout(cfg: Config, world_size: int) -> dict[str, int | str]:
 class TrainBatches:
     """The micro-batches of one rank for each optimizer step (see the module docstring)."""
 
-    def __init__(self, split: Split, cfg: Config, dist: DistContext, pad_id: int):
+    def __init__(
+        self,
+        split: Split,
+        cfg: Config,
+        dist: DistContext,
+        pad_id: int,
+        windowed: bool | None = None,
+    ):
+        """`windowed`: whether the model has sliding-window layers shorter than
+        `max_seq_len` (see the module docstring); None reads the model's config when packed
+        batches first need it."""
         self.split, self.pad_id, self.dist = split, pad_id, dist
+        self.model, self._windowed = cfg.model, windowed
         self.seed, self.shuffle = cfg.seed, cfg.data.shuffle
         self.batching = resolve_batching(cfg)
         self.attn, self.max_seq_len = cfg.model.attn_implementation, cfg.data.max_seq_len
@@ -228,10 +252,21 @@ class TrainBatches:
             out.append(picked)
         return out
 
+    @property
+    def windowed(self) -> bool:
+        """Packed rows go to transformers' own masks (sliding windows); see the docstring."""
+        if self._windowed is None:
+            needed = self.batching == "packed" and self.attn != "flash_attention_2"
+            self._windowed = needed and has_short_windows(self.model, self.max_seq_len)
+        return self._windowed
+
     def for_step(self, step: int) -> list[Batch]:
         return [
             collate_rows(
-                [[self.split.sample(int(i)) for i in row] for row in rows], self.pad_id, self.attn
+                [[self.split.sample(int(i)) for i in row] for row in rows],
+                self.pad_id,
+                self.attn,
+                self.windowed,
             )
             for rows in self.indices_for_step(step)
         ]
@@ -248,6 +283,7 @@ class TrainBatches:
             targets=int(self.split.targets[members].sum()),
             tokens=int(lengths.sum()),
             squared_lengths=int((lengths * lengths).sum()),
+            lengths=tuple(lengths.tolist()),
         )
 
     def samples_seen(self, step: int) -> int:
@@ -275,6 +311,22 @@ class TrainBatches:
             return real, real
         per_micro = unit_len.reshape(-1, self.per_micro)
         return real, int(per_micro.max(axis=1).sum() * self.per_micro)
+
+
+def has_short_windows(model: ModelConfig, max_seq_len: int) -> bool:
+    """Whether a layer of the model attends over a sliding window shorter than a pack: a
+    sample of up to `max_seq_len` tokens then sees less than its whole prefix."""
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(
+            model.name_or_path, trust_remote_code=model.trust_remote_code, revision=model.revision
+        )
+    except OSError as e:
+        raise DataError(
+            f"model.name_or_path: packed batches need the model's config (sliding windows): {e}"
+        ) from e
+    return any(w is not None and w < max_seq_len for w in layer_windows(hf))
 
 
 def eval_batches(split: Split, micro: int, dist: DistContext, pad_id: int) -> list[Batch]:

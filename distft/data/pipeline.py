@@ -12,7 +12,7 @@ per epoch: every sample floor(w) times, plus a seeded subset for the fraction. W
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from distft.data.formats import ReadReport, Sample, parse
 from distft.data.records import DataError, data_files, file_records
 from distft.data.store import Split
 from distft.data.templates import chat_template
-from distft.data.tokenize import EncodeSettings
+from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 from distft.dist import DistContext
 
 
@@ -119,19 +119,66 @@ def prepare(cfg: Config, tokenizer: Any, dist: DistContext) -> DataSplits:
     return load(cfg, tokenizer)
 
 
-def check_records(data: DataConfig) -> None:
-    """Parse every record of the local sources (no tokenizer): bad records fail here,
-    before any worker starts. Sources whose exact files were parsed before are skipped;
-    hub datasets are left to the workers (reading them may need a download)."""
+VALIDATE_FIRST, VALIDATE_EVERY = 2000, 100  # samples encoded per source by check_records
+
+
+def check_records(cfg: Config) -> None:
+    """What the workers would refuse about the local sources' records, before any worker
+    starts: every record is parsed, and the first 2,000 samples of each source plus every
+    100th after them are encoded with the run's tokenizer and chat template (rendering,
+    label masking, truncation), so a record the template refuses is reported by `file:line`.
+
+    The tokenizer is used when it is a local folder or in the Hugging Face cache; otherwise
+    (and for hub datasets, whose reading may need a download) that is left to the workers.
+    Sources already tokenized with these settings are skipped."""
+    data = cfg.data
     root = cache_root(data)
+    tokenizer = _local_tokenizer(cfg)
+    ctx = cache_context(cfg, tokenizer) if tokenizer is not None else None
     for spec in _all_specs(data):
-        if spec.hub is None and not is_checked(root, spec, data.on_bad_record):
-            report = ReadReport()
-            for _ in parse(spec.raws(), spec.format, spec.fields, data.on_bad_record, report,
-                           spec.max_samples):  # fmt: skip
+        if spec.hub is not None:
+            continue
+        if ctx is None and is_checked(root, spec, data.on_bad_record):
+            continue
+        if ctx is not None and (root / ctx.key(spec)).is_dir():
+            continue
+        report = ReadReport()
+        samples = parse(spec.raws(), spec.format, spec.fields, data.on_bad_record, report,
+                        spec.max_samples)  # fmt: skip
+        if ctx is None:
+            for _ in samples:
                 pass
-            if report.records == 0:
-                raise DataError(f"{spec.label}: no usable records")
+        else:
+            encoder = Encoder(ctx.tokenizer, ctx.settings)
+            for _ in encoder.encode_many(_sampled(samples), data.on_bad_record, TokenizeReport()):
+                pass
+        if report.records == 0:
+            raise DataError(f"{spec.label}: no usable records")
+
+
+def _sampled(samples: Iterable[Sample]) -> Iterator[Sample]:
+    """The first VALIDATE_FIRST samples, then every VALIDATE_EVERY-th (all are parsed)."""
+    for i, sample in enumerate(samples):
+        if i < VALIDATE_FIRST or (i - VALIDATE_FIRST) % VALIDATE_EVERY == VALIDATE_EVERY - 1:
+            yield sample
+
+
+def _local_tokenizer(cfg: Config) -> Any:
+    """The run's tokenizer if it can be loaded without a download, else None."""
+    name = cfg.model.tokenizer or cfg.model.name_or_path
+    if not Path(name).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "tokenizer_config.json", revision=cfg.model.revision)
+        if not isinstance(cached, str):
+            return None
+    from distft.model import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"model.tokenizer: cannot load tokenizer {name!r}: {first}") from None
 
 
 def read_conversations(

@@ -65,7 +65,10 @@ def _json_records(path: Path) -> Iterator[Raw]:
         for i, item in enumerate(items):
             yield f"{path}:{i + 1}", item
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line: str.splitlines() would also split on characters that are
+    # legal inside JSON strings (U+2028, U+2029, U+0085, ...) and shift the line numbers.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

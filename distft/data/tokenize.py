@@ -1,16 +1,17 @@
 """Samples -> token ids + labels (IGNORE = -100 where there is no loss).
 
-Conversations are rendered once with the chat template. Each assistant turn is the
-character span between the render of the turns before it (with the generation prompt)
-and the render including it, so the turn's end-of-turn token is trained too. Tokens whose
-character offsets fall inside a trained span get labels. Tokenizing the whole string once
-keeps BPE merges identical to inference. `train_on` picks the spans: every assistant turn,
-the last one only, or everything. Plain text is tokenized with the tokenizer's special
-tokens (BOS) and trained entirely. A prompt is tokenized with the special tokens and its
-completion apart, as at inference (no token straddles the boundary); the completion is
-trained. Both end with EOS, which is trained. Pre-tokenized samples keep their labels
-(default: all tokens). Position 0 never has a label: no token predicts
-it, and in a packed sequence it must not be predicted from the previous sample.
+Conversations are rendered with the chat template; `templates.conversation_spans` gives the
+training text and the character spans of the trained assistant turns (each turn's content
+and its end-of-turn token; see that module for the rules). The text is tokenized once, as at
+inference (BPE merges unchanged), and a token is trained when any of its characters lies in
+a trained span (so a token that merges a template space with the first word is trained).
+Character offsets need a fast (Rust) tokenizer; a slow one is refused. `train_on` picks the
+spans: every assistant turn, the last one only, or everything. Plain text is tokenized with
+the tokenizer's special tokens (BOS) and trained entirely. A prompt is tokenized with the
+special tokens and its completion apart, as at inference (no token straddles the boundary);
+the completion is trained. Both end with EOS, which is trained. Pre-tokenized samples keep
+their labels (default: all tokens). Position 0 never has a label: no token predicts it, and
+in a packed sequence it must not be predicted from the previous sample.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from distft.data import templates
 from distft.data.formats import Completion, Conversation, Sample, Tokens
 from distft.data.records import DataError
 from distft.data.templates import TemplateError, chat_template
@@ -46,43 +48,33 @@ class TokenizeReport:
     first_skipped: list[str] = field(default_factory=list, compare=False)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool, template: str | None) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=gen, chat_template=template
-    )
-
-
 def conversation_spans(
     tokenizer: Any, conv: Conversation, train_on: str = "assistant", template: str | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the [start, end) character spans that are trained."""
-    text = _render(tokenizer, conv.messages, False, template)
-    if train_on == "all":
-        return text, [(0, len(text))]
-    spans = []
-    for i, m in enumerate(conv.messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, conv.messages[:i], True, template)
-        upto = _render(tokenizer, conv.messages[: i + 1], False, template)
-        if not (text.startswith(upto) and upto.startswith(before)):
-            raise DataError(
-                f"{conv.source}: the chat template is not prefix-consistent, so assistant "
-                "turns cannot be located for label masking"
-            )
-        spans.append((len(before), len(upto)))
-    return text, spans[-1:] if train_on == "last_assistant_turn" else spans
+    """The training text and the [start, end) character spans that are trained."""
+    return templates.conversation_spans(tokenizer, conv.messages, conv.source, train_on, template)
 
 
 def _labels(ids: np.ndarray, offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
+    """`ids` where the token has a character in a span (spans sorted, disjoint), else IGNORE."""
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     start, end = off[:, 0], off[:, 1]
     span_start = np.array([a for a, _ in spans], dtype=np.int64)
     span_end = np.array([b for _, b in spans], dtype=np.int64)
-    k = np.searchsorted(span_start, start, side="right") - 1
-    inside = (k >= 0) & (end > start)
-    inside[inside] &= end[inside] <= span_end[k[inside]]
+    k = np.searchsorted(span_end, start, side="right")  # first span ending after the start
+    inside = (k < len(spans)) & (end > start)
+    inside[inside] &= span_start[k[inside]] < end[inside]
     return np.where(inside, ids, IGNORE).astype(np.int32)
+
+
+def check_fast(tokenizer: Any) -> None:
+    """Label masking of conversations needs character offsets: fast tokenizers only."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError(
+            f"tokenizer {tokenizer.name_or_path!r} ({type(tokenizer).__name__}) is a slow "
+            "(Python) tokenizer without character offsets, which label masking of "
+            "conversations needs; use one with a tokenizer.json (a fast tokenizer)"
+        )
 
 
 class Encoder:
@@ -155,6 +147,7 @@ class Encoder:
                 texts.append((i, sample.text))
         as_array = partial(np.asarray, dtype=np.int32)
         if chats:
+            check_fast(self.tok)
             enc = self._tokenize([t for _, t, _ in chats], special=False, offsets=True)
             for (i, _, spans), ids, offsets in zip(
                 chats, enc["input_ids"], enc["offset_mapping"], strict=True
