@@ -27,6 +27,7 @@ from distft.data.packing import Units, best_fit_decreasing, length_groups
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 from distft.dist import DistContext
 from distft.objective import nll_sum
+from distft.tolerance import Kind, assert_close
 
 STRATEGIES = ("packed", "length_grouped", "padded")
 
@@ -115,8 +116,12 @@ def test_a_step_matches_its_samples_one_by_one(model: Any, split: Split, batchin
 
     loss, grads = step_loss_and_grads(model, micro_batches)
     ref_loss, ref_grads = step_loss_and_grads(model, one_by_one)
-    assert abs(loss - ref_loss) < 1e-5, (loss, ref_loss)
-    assert (grads - ref_grads).abs().max().item() < 1e-5
+    # exact in real arithmetic; in fp32 packed rows and single samples reduce in other
+    # orders (other matmul shapes): reassociated fp32 (distft.tolerance), gradients
+    # relative to their own size
+    assert_close(loss, ref_loss, torch.float32, Kind.REASSOCIATED, "loss")
+    scale = float(ref_grads.abs().max())
+    assert_close(grads, ref_grads, torch.float32, Kind.REASSOCIATED, "gradients", scale)
     assert ref_grads.abs().max().item() > 1e-3  # the comparison is not between zeros
 
 
@@ -134,10 +139,12 @@ def test_packed_samples_do_not_attend_to_each_other(model: Any, split: Split) ->
     perturbed = (np.roll(a[0], 3) % 400 + 7).astype(np.int32), a[1]
     assert not np.array_equal(perturbed[0], a[0])
     base = logits_of_b(a)
-    assert torch.allclose(base, logits_of_b(perturbed), atol=1e-6, rtol=0)
+    # A's tokens reach B only through masked scores (probability exactly 0): the same
+    # shapes and kernels, so only the kernels' own rounding may differ
+    assert_close(logits_of_b(perturbed), base, torch.float32, Kind.RECOMPUTED, "perturbed A")
     with torch.no_grad():
         alone = model(input_ids=torch.from_numpy(b[0][None]).long()).logits[0]
-    assert torch.allclose(base, alone, atol=1e-5, rtol=0)
+    assert_close(base, alone, torch.float32, Kind.REASSOCIATED, "B alone")  # other shapes
     # Control: the same row with a plain causal mask and positions lets B see A.
     plain = {"attention_mask": None, "position_ids": None}
     assert not torch.allclose(logits_of_b(a, **plain), logits_of_b(perturbed, **plain), atol=1e-3)
