@@ -59,10 +59,15 @@ class TrainState:
     samples_seen: int = 0  # global samples consumed: independent of the world size
     world_size: int = 1
     micro_step_in_accum: int = 0
-    eval_loss: float | None = None  # latest eval loss at save time (for keep_best)
+    eval_loss: float | None = None  # latest eval loss, measured at eval_step
+    eval_step: int | None = None  # keep_best ranks a checkpoint only if this == step
     wandb_run_id: str | None = None
     fingerprint: dict[str, str] = field(default_factory=dict)
     version: str = __version__
+
+    def record_eval(self, loss: float) -> None:
+        """The eval loss measured now, after `step` optimizer steps."""
+        self.eval_loss, self.eval_step = loss, self.step
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
@@ -91,22 +96,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def deepspeed_pickled_classes() -> list[Any]:
+    """What DeepSpeed pickles besides tensors and containers: the ZeRO loss scaler (fp16
+    `loss_scale: 0` writes the dynamic one), the stage enum, fragment addresses. (Imported
+    here: `distft validate` uses this module without DeepSpeed.)"""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 def weights_only_checkpoint_engine() -> Any:
     """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`: nothing but
-    tensors, containers and DeepSpeed's plain state classes is unpickled. (DeepSpeed is
-    imported here, not by this module: `distft validate` uses this module without it.)"""
+    tensors, containers and `deepspeed_pickled_classes()` is unpickled."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
         TorchCheckpointEngine,
     )
 
     class WeightsOnly(TorchCheckpointEngine):
         def load(self, path: str, map_location: Any = None) -> Any:
-            from deepspeed.runtime.fp16.loss_scaler import LossScaler
-            from deepspeed.runtime.zero.config import ZeroStageEnum
-            from deepspeed.utils.tensor_fragment import fragment_address
-
-            allowed = [LossScaler, ZeroStageEnum, fragment_address]
-            with torch.serialization.safe_globals(allowed):
+            with torch.serialization.safe_globals(deepspeed_pickled_classes()):
                 try:
                     return torch.load(path, map_location=map_location, weights_only=True)
                 except pickle.UnpicklingError as e:
@@ -266,7 +276,7 @@ class CheckpointCoordinator:
 
     def _retain(self) -> None:
         """Runs only after a commit: the newest `keep_last` (which include the one just
-        committed) and, with keep_best, the lowest eval loss stay."""
+        committed) and, with keep_best, the lowest eval loss measured at its own step."""
         committed = self.committed()
         keep = set(committed[-self.keep_last :])
         if self.keep_best:
@@ -341,10 +351,13 @@ class CheckpointCoordinator:
 
 
 def _eval_loss(ckpt: Path) -> float | None:
+    """The eval loss of the weights saved in `ckpt`; None if it was measured at another step
+    (a checkpoint saved between evals) or not at all."""
     try:
-        return TrainState.from_json((ckpt / STATE).read_text()).eval_loss
+        state = TrainState.from_json((ckpt / STATE).read_text())
     except (OSError, ValueError, TypeError):
         return None
+    return state.eval_loss if state.eval_step == state.step else None
 
 
 def _never_but_saved(root: Path) -> CheckpointError:

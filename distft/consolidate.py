@@ -47,6 +47,7 @@ from deepspeed.checkpoint.constants import (
 )
 from deepspeed.utils.zero_to_fp32 import zero3_partitioned_param_info
 
+from distft.checkpoint import deepspeed_pickled_classes
 from distft.errors import UserError
 
 Key = tuple[str | int, ...]
@@ -92,11 +93,7 @@ class Layout:
 def _load(path: Path) -> dict[str, Any]:
     """Memory-mapped, unpickling nothing but tensors, containers and DeepSpeed's plain
     state classes (as `distft.checkpoint` loads for a resume)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+    with torch.serialization.safe_globals(deepspeed_pickled_classes()):
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except pickle.UnpicklingError as e:

@@ -162,12 +162,15 @@ def make_lr_scheduler(
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: decay on >=2-D weights, none on biases/norms."""
+    """Trainable parameters in two groups: decay on >=2-D weights (matrices, embeddings),
+    none on biases and norm weights. Decided on the full shape: under ZeRO-3 every
+    parameter is a 1-D partition and its shape is in `ds_shape`."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            full_shape = getattr(param, "ds_shape", param.shape)
+            (decay if len(full_shape) >= 2 else no_decay).append(param)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters")
     groups = [

@@ -86,7 +86,8 @@ def hf_config(cfg: Config) -> Any:
 
 def write_metadata(out: Path, cfg: Config, tokenizer: Any, dtype: torch.dtype | None) -> None:
     """Tokenizer files and, for full models (`dtype` given), config.json and
-    generation_config.json of the base model."""
+    generation_config.json of the base model, whose `eos_token_id` also stops at the
+    end-of-turn token of the chat template the run trained with."""
     from transformers import GenerationConfig
 
     if dtype is not None:
@@ -99,8 +100,28 @@ def write_metadata(out: Path, cfg: Config, tokenizer: Any, dtype: torch.dtype | 
             )
         except OSError:  # the base model ships none
             gen = GenerationConfig.from_model_config(config)
+        gen.eos_token_id = stop_ids(gen.eos_token_id, end_of_turn_id(tokenizer))
         gen.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The id of the token that ends an assistant turn in the tokenizer's chat template
+    (`distft.data.templates.end_of_turn`: the one label masking trains), or None."""
+    from distft.data.templates import end_of_turn
+
+    token = end_of_turn(tokenizer)
+    return None if token is None else int(tokenizer.convert_tokens_to_ids(token))
+
+
+def stop_ids(eos: int | list[int] | None, end_of_turn: int | None) -> int | list[int] | None:
+    """The base's eos id(s) plus the end-of-turn id, as a list when there are several."""
+    if end_of_turn is None:
+        return eos
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if end_of_turn in ids:
+        return eos
+    return [*ids, end_of_turn] if ids else end_of_turn
 
 
 def training_tokenizer(cfg: Config, tokenizer: Any | None = None) -> Any:

@@ -74,9 +74,12 @@ def train(
         scale = world / totals.targets
 
         loss_sum = torch.zeros((), device=dist.device)
+        own_norm = None
         for b in micro_batches:
             s = nll_sum(engine, b)
             engine.backward(s * scale, scale_wrt_gas=False)
+            if engine.is_gradient_accumulation_boundary():
+                own_norm = _norm_deepspeed_does_not_report(engine)
             engine.step()  # DeepSpeed steps the optimizer and lr at the accumulation boundary
             loss_sum += s.detach()  # no host sync per micro-batch
         step += 1
@@ -84,10 +87,11 @@ def train(
         local = [loss_sum.item(), float(stop_requested()), *perf.memory_by_rank()]
         loss_total, stop_votes, *peak_mem = dist.sum(local)
         dt = time.perf_counter() - t0
+        grad_norm = _grad_norm(engine, own_norm)
         metrics = {
             "train/loss": loss_total / totals.targets,
             "train/lr": engine.get_lr()[0],
-            "train/grad_norm": _grad_norm(engine),
+            **({"train/grad_norm": grad_norm} if grad_norm is not None else {}),
             "train/step_time_s": dt,
             "train/target_tokens_per_s": totals.targets / dt,
             "train/tokens_per_s": totals.tokens / dt,
@@ -106,10 +110,27 @@ def train(
     return summary
 
 
-def _grad_norm(engine: Any) -> float:
+def _norm_deepspeed_does_not_report(engine: Any) -> float | None:
+    """Before the boundary's `engine.step()`: the global gradient norm when DeepSpeed will
+    not report one, else None. Its ZeRO and bf16/fp16 optimizers measure the norm, clipping
+    or not; without ZeRO in fp32 it steps the torch optimizer itself and reports None
+    (`get_global_grad_norm` copies the optimizer's `_global_grad_norm`). The gradients are
+    all-reduced by the boundary's backward, so every rank computes the same norm."""
+    if hasattr(engine.optimizer, "_global_grad_norm"):
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    return float(torch.linalg.vector_norm(norms))
+
+
+def _grad_norm(engine: Any, own_norm: float | None) -> float | None:
+    """The step's gradient norm before clipping; None (not logged) where nobody measured
+    it (ZeRO-1/2 with a raw `compute_grad_norm: false`)."""
     norm = engine.get_global_grad_norm()
     if norm is None:
-        return float("nan")
+        return own_norm
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 

@@ -87,7 +87,8 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         `preempted` is the loop's all-reduced vote)."""
         state.step, state.epoch = step, batches.epoch_of(step)
         state.samples_seen = batches.samples_seen(step)
-        state.eval_loss = metrics.get("eval/loss", state.eval_loss)
+        if "eval/loss" in metrics:  # measured at this step: a keep_best candidate
+            state.record_eval(metrics["eval/loss"])
         if preempted:
             stopped_by.append("preemption")
         elif step == cfg.batch.stop_after_steps and step < batches.total_steps:
@@ -106,8 +107,9 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         logger.close()
         return
     if evals:
-        state.eval_loss = evaluate(engine, evals, dist)
-        logger.log({"eval/loss": state.eval_loss}, state.step)
+        final_eval = evaluate(engine, evals, dist)
+        state.record_eval(final_eval)
+        logger.log({"eval/loss": final_eval}, state.step)
     ckpts.save(engine, state)
     if cfg.checkpoint.save_final_model:
         save_final(engine, tokenizer, cfg, dist)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,12 +30,18 @@ from distft.fingerprint import fingerprint, fingerprint_changes, hash_file
 ONE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def fake_checkpoint(root: Path, step: int, eval_loss: float | None = None) -> Path:
-    """A committed-looking step dir with a real manifest over two files."""
+def fake_checkpoint(
+    root: Path, step: int, eval_loss: float | None = None, eval_step: int | None = None
+) -> Path:
+    """A committed-looking step dir with a real manifest over two files. Its eval loss was
+    measured at `eval_step` (default: at `step`, when there is one)."""
     d = root / f"step_{step:08d}"
     d.mkdir(parents=True)
     (d / "shard.bin").write_bytes(bytes(range(256)) * (step + 1))
-    (d / STATE).write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+    if eval_step is None and eval_loss is not None:
+        eval_step = step
+    state = {"step": step, "eval_loss": eval_loss, "eval_step": eval_step}
+    (d / STATE).write_text(json.dumps(state))
     files = {
         n: {"size": (d / n).stat().st_size, "xxh3_128": hash_file(d / n)}
         for n in ("shard.bin", STATE)
@@ -95,10 +103,34 @@ def test_retention_keeps_newest_and_best(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000005"]
 
 
+def test_keep_best_ranks_only_eval_losses_measured_at_the_checkpoint_step(
+    tmp_path: Path,
+) -> None:
+    """Eval every 2 steps, checkpoints every 3: the step-3 checkpoint carries the step-2 eval
+    loss, which says nothing about the step-3 weights. It is no candidate for the best."""
+    fake_checkpoint(tmp_path, 3, eval_loss=0.4, eval_step=2)  # stale
+    fake_checkpoint(tmp_path, 6, eval_loss=0.6)  # measured at step 6
+    fake_checkpoint(tmp_path, 9, eval_loss=0.4, eval_step=8)  # stale
+    fake_checkpoint(tmp_path, 12, eval_loss=0.9)
+    CheckpointCoordinator(tmp_path, ONE, keep_last=1, keep_best=True)._retain()
+    assert [p.name for p in sorted(tmp_path.glob("step_*"))] == [
+        "step_00000006",  # the best loss measured at a checkpoint's own step
+        "step_00000012",
+    ]
+
+
+def test_train_state_records_the_step_of_its_eval_loss() -> None:
+    s = TrainState(step=4)
+    s.record_eval(0.5)
+    assert (s.eval_loss, s.eval_step) == (0.5, 4)
+    s.step = 6  # a later save without a new eval: the loss is not this step's
+    assert s.eval_step != s.step
+    s.record_eval(0.7)
+    assert TrainState.from_json(json.dumps(asdict(s))) == s
+
+
 def test_train_state_json_ignores_unknown_keys() -> None:
     s = TrainState(step=7, samples_seen=112, wandb_run_id="abc", eval_loss=1.5)
-    from dataclasses import asdict
-
     text = json.dumps({**asdict(s), "from_the_future": 1})
     assert TrainState.from_json(text) == s
 
@@ -198,3 +230,63 @@ def test_fault_spec_matches_point_step_and_rank(monkeypatch: pytest.MonkeyPatch)
     faults.maybe_crash("load", 4, 1)  # other point: nothing happens
     monkeypatch.delenv(faults.ENV)
     faults.maybe_crash("save", 4, 1)  # unset: nothing happens
+
+
+# ------------------------------------------------------------------ restricted unpickling
+
+
+def _deepspeed_fp16_file(path: Path) -> Any:
+    """A file as DeepSpeed's ZeRO optimizer checkpoint holds it under our fp16 config
+    (`loss_scale: 0`, dynamic): its loss scaler object in the state dict, torch.saved."""
+    from deepspeed.checkpoint.constants import LOSS_SCALER
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+    from deepspeed.runtime.precision_config import DeepSpeedFP16Config
+
+    from distft.engine import build_ds_config
+
+    cfg = from_dict(
+        {
+            "model": {"name_or_path": "tiny"},
+            "data": {"train_files": ["train.jsonl"]},
+            "checkpoint": {"output_dir": "out"},
+            "deepspeed": {"precision": "fp16"},
+            "cluster": {"gpus_per_worker": 1},
+        }
+    )
+    fp16 = DeepSpeedFP16Config(**build_ds_config(cfg, 1)[0]["fp16"])
+    assert fp16.loss_scale == 0  # dynamic
+    scaler = CreateLossScaler(torch.float16, fp16.loss_scale, True, fp16.dynamic_loss_scale_args())
+    torch.save({LOSS_SCALER: scaler, "fp32": [torch.ones(3)], "stage": 2}, path)
+    return scaler
+
+
+class NotDeepSpeed:
+    pass
+
+
+def test_fp16_dynamic_loss_scaler_unpickles_and_other_classes_do_not(tmp_path: Path) -> None:
+    from deepspeed.checkpoint.constants import LOSS_SCALER
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from distft.checkpoint import weights_only_checkpoint_engine
+    from distft.consolidate import ConsolidationError, check_pickles
+
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    saved = _deepspeed_fp16_file(ok / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert type(saved) is DynamicLossScaler
+    check_pickles(ok)  # what export runs before consolidating
+    loaded = weights_only_checkpoint_engine().load(
+        str(ok / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), map_location="cpu"
+    )  # what a resume runs
+    scaler = loaded[LOSS_SCALER]
+    assert type(scaler) is DynamicLossScaler
+    assert vars(scaler) == vars(saved) and scaler.cur_scale == 2**16
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"x": NotDeepSpeed()}, bad / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConsolidationError, match="refused to unpickle"):
+        check_pickles(bad)
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        weights_only_checkpoint_engine().load(str(bad / "mp_rank_00_model_states.pt"))

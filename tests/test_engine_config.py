@@ -326,6 +326,31 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _run_child(script: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """Run `script` as rank 0 of a 1-process gloo group; its `RESULT {json}` line."""
+    env = dict(
+        os.environ,
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(raw)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
+    return result
+
+
 def test_create_engine_zero2_fp32_single_process() -> None:
     """Real DeepSpeed in a child process (it owns the process group and global state)."""
     raw = {
@@ -341,26 +366,7 @@ def test_create_engine_zero2_fp32_single_process() -> None:
             "min_lr_ratio": 0.1,
         },
     }
-    env = dict(
-        os.environ,
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    proc = subprocess.run(
-        [sys.executable, "-c", _ENGINE_SCRIPT, json.dumps(raw)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[-1].removeprefix("RESULT "))
+    out = _run_child(_ENGINE_SCRIPT, raw)
 
     assert out["zero_stage"] == 2
     assert out["optimizer"] == "AdamW"
@@ -395,3 +401,63 @@ def test_param_groups_need_trainable_params() -> None:
     model = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(model, 0.1)
+
+
+_ZERO3_GROUPS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import deepspeed, torch
+    from distft.config import from_dict
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from distft.engine import build_ds_config, create_engine, param_groups
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    raw = json.loads(sys.argv[1])
+    out = {}
+    for stage in (2, 3):
+        raw["deepspeed"]["zero_stage"] = stage
+        cfg = from_dict(raw)
+        ds_config, _ = build_ds_config(cfg, world_size=1)
+        # As distft.model loads it: under ZeRO-3, zero.Init partitions every weight.
+        hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
+        del hf_ds
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = param_groups(model, cfg.optim.weight_decay)
+        out[stage] = {
+            "groups": {
+                str(g["weight_decay"]): sorted(names[id(p)] for p in g["params"])
+                for g in groups
+            },
+            "ndims": sorted({p.ndim for p in model.parameters()}),
+        }
+        if stage == 3:
+            engine = create_engine(model, cfg, ds_config, total_steps=2)
+            out["engine_decays"] = sorted(
+                g["weight_decay"] for g in engine.optimizer.optimizer.param_groups
+            )
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_zero3_partitioned_weights_still_get_weight_decay(tiny: Any) -> None:
+    """Under zero.Init every parameter is a 1-D partition; the decay groups must follow the
+    full shapes, the same as ZeRO-2's (real DeepSpeed, tiny Llama, one gloo rank)."""
+    raw = {
+        "model": {"name_or_path": str(tiny.model_dir)},
+        "data": {"train_files": ["train.jsonl"]},
+        "checkpoint": {"output_dir": "out"},
+        "deepspeed": {"precision": "fp32"},
+        "optim": {"weight_decay": 0.01},
+    }
+    out = _run_child(_ZERO3_GROUPS_SCRIPT, raw)
+    zero2, zero3 = out["2"], out["3"]
+    assert zero3["ndims"] == [1]  # the test is real: partitions, no 2-D tensor left
+    assert 2 in zero2["ndims"]
+    decay = zero2["groups"]["0.01"]
+    assert len(decay) == 16 and all(n.endswith(".weight") for n in decay)
+    assert not any("norm" in n for n in decay)
+    assert zero3["groups"] == zero2["groups"]
+    assert out["engine_decays"] == [0.0, 0.01]

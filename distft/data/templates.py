@@ -105,9 +105,13 @@ def render(
     return str(text)
 
 
-@lru_cache(maxsize=16)
 def end_markers(tokenizer: Any) -> tuple[str, ...]:
     """The tokenizer's special tokens (longest first): what may end an assistant turn."""
+    return _end_markers(tokenizer, len(tokenizer))  # tokens added later change the length
+
+
+@lru_cache(maxsize=16)
+def _end_markers(tokenizer: Any, size: int) -> tuple[str, ...]:
     names = set(tokenizer.all_special_tokens)
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     names.update(t.content for t in decoder.values() if getattr(t, "special", False))
@@ -177,6 +181,27 @@ def _extend(text: str, span: Span, markers: tuple[str, ...]) -> Span:
         if text.startswith(marker, end + after):
             return start, end + after + len(marker)
     return span
+
+
+def end_of_turn(tokenizer: Any, template: str | None = None) -> str | None:
+    """The special token that ends an assistant turn in the template (`<|eot_id|>`,
+    `<|im_end|>`, `<end_of_turn>`, `</s>` ...): the marker that masking trains after a
+    turn's content (`_extend`). None without a template, when the template refuses a plain
+    user/assistant exchange, or when no special token follows the content."""
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+
+    def full(msgs: Messages) -> str:
+        return render(tokenizer, msgs, template, "end_of_turn")
+
+    try:
+        text = full(messages)
+        start, end = _content_span(full, messages, 1, text, "end_of_turn")
+    except DataError:  # TemplateError included: no usable template, nothing to stop at
+        return None
+    _, extended = _extend(text, (start, end), end_markers(tokenizer))
+    return text[end:extended].strip() or None
 
 
 def conversation_spans(
