@@ -31,13 +31,26 @@ def _fail(lines: list[str], code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _load(config: Path, overrides: list[str] | None) -> config_mod.Config:
+def _load(config: Path, overrides: list[str] | None, *, train: bool) -> config_mod.Config:
     try:
         cfg = config_mod.resolve_paths(config_mod.load(config, overrides or []))
         _check_data(cfg)
-        return cfg
+        return _check_model(cfg, train)
     except UserError as e:
         _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+
+
+def _check_model(cfg: config_mod.Config, train: bool) -> config_mod.Config:
+    """The model's architecture, from its config alone: `attn_implementation: auto` made
+    concrete (so the data layer and config.yaml see the implementation that runs) and the
+    LoRA targets checked. `validate` reads only local files; `train` may fetch the config
+    of a hub model, as its workers will."""
+    from distft.model import check_model
+
+    resolved, lines = check_model(cfg, local_only=not train)
+    for line in lines:
+        err.print(line, markup=False)
+    return resolved or cfg
 
 
 def _check_resume(cfg: config_mod.Config) -> None:
@@ -60,7 +73,7 @@ def _check_data(cfg: config_mod.Config) -> None:
 @app.command()
 def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Check a config (and that its files exist and parse) without training."""
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, train=False)
     _check_resume(cfg)
     out.print(
         f"ok: {config} ({cfg.cluster.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, "
@@ -71,7 +84,7 @@ def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_
 @app.command()
 def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Fine-tune: typed config -> Ray workers -> DeepSpeed -> checkpoints + final model."""
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, train=True)
     _check_resume(cfg)  # before config.yaml is written: a refusal changes nothing
     config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
     from distft import preempt

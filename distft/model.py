@@ -1,12 +1,23 @@
-"""Model and tokenizer loading. Full fine-tuning vs LoRA is decided here, once."""
+"""Model and tokenizer loading. Full fine-tuning vs LoRA is decided here, once.
+
+`check_model` runs on the driver before Ray starts: from the model's config alone (the
+architecture built on the meta device, no weights read) it resolves
+`model.attn_implementation: auto` to what the model supports and checks that every LoRA
+target exists. Workers build the same LoRA layout with `_with_lora`.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from distft.config import Config, Precision
+from distft.errors import UserError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,6 +44,200 @@ def load_tokenizer(cfg: Config) -> Any:
     return tok
 
 
+# ------------------------------------------------------------------ driver-side checks
+
+
+def check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str]]:
+    """Resolve `model.attn_implementation` and check the LoRA targets against the model's
+    architecture, reading only its config (no weights). Returns the config with a concrete
+    attention implementation and lines to print, or (None, [why]) when the model's config
+    is not available here (`local_only`: a hub model that is not in the local cache).
+    Raises UserError (one line per problem) for a choice the model cannot take."""
+    with warnings.catch_warnings():  # peft/transformers notes about their own choices
+        warnings.simplefilter("ignore")
+        return _check_model(cfg, local_only)
+
+
+def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str]]:
+    try:
+        model = meta_model(cfg, local_only=local_only)
+    except (OSError, ValueError) as e:  # not cached (validate), not reachable, unknown type
+        if local_only and not Path(cfg.model.name_or_path).exists():
+            return None, [
+                f"model checks skipped: {cfg.model.name_or_path} is not in the local cache "
+                "(`distft train` reads its config before starting Ray)"
+            ]
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model.name_or_path: cannot read the config of {cfg.model.name_or_path} ({why})"
+        ) from None
+    attn = pick_attention(cfg, type(model))
+    lines = [f"attention: {attn}" + (" (auto)" if cfg.model.attn_implementation == "auto" else "")]
+    if cfg.lora.enabled:
+        lines += lora_plan(model, cfg).notes
+        with torch.device("meta"):  # the adapters too: no memory, no initialisation
+            lines.append(_adapted(_with_lora(model, cfg)))
+    model_section = cfg.model.model_copy(update={"attn_implementation": attn})
+    return cfg.model_copy(update={"model": model_section}, deep=True), lines
+
+
+def meta_model(cfg: Config, local_only: bool = False) -> Any:
+    """The architecture on the meta device (names, shapes, class flags), no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg.model
+    config = AutoConfig.from_pretrained(
+        m.name_or_path,
+        trust_remote_code=m.trust_remote_code,
+        revision=m.revision,
+        local_files_only=local_only,
+    )
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import (  # type: ignore[attr-defined,no-redef]
+            no_init_weights,
+        )
+    with torch.device("meta"), no_init_weights():  # initialising is most of the time
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+
+
+def pick_attention(cfg: Config, model_cls: type) -> str:
+    """`auto`: flash_attention_2 on GPU workers in bf16/fp16 when `flash_attn` is installed
+    and the model supports it, else sdpa when the model supports it, else eager. An
+    explicit choice the model does not support is refused (transformers would refuse it
+    on the workers, after Ray started)."""
+    requested, name = cfg.model.attn_implementation, model_cls.__name__
+    sdpa = bool(getattr(model_cls, "_supports_sdpa", False))
+    flash = bool(
+        getattr(model_cls, "_supports_flash_attn", False)
+        or getattr(model_cls, "_supports_flash_attn_2", False)
+    )
+    gpu = cfg.cluster.use_gpu
+    if requested == "auto":
+        half = load_dtype(cfg) in (torch.bfloat16, torch.float16)
+        if gpu and half and flash and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        return "sdpa" if sdpa else "eager"
+    supported = ["eager"] + (["sdpa"] if sdpa else []) + (["flash_attention_2"] if flash else [])
+    if requested not in supported:
+        raise UserError(
+            f"model.attn_implementation: {name} does not support {requested!r}; "
+            f"it supports {', '.join(supported)} (or use 'auto')"
+        )
+    if requested == "flash_attention_2" and not gpu:
+        raise UserError(
+            "model.attn_implementation: 'flash_attention_2' needs GPU workers "
+            "(cluster.gpus_per_worker > 0); use 'auto', 'sdpa' or 'eager'"
+        )
+    return requested
+
+
+def resolved_attention(cfg: Config) -> str:
+    """A concrete implementation for `from_pretrained` (the driver resolved `auto` already
+    for runs launched by the CLI; this covers configs built in-process)."""
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    return pick_attention(cfg, type(meta_model(cfg)))
+
+
+# ------------------------------------------------------------------ LoRA targets
+
+
+def _adapted(peft_model: Any) -> str:
+    """One line: the layers and fused parameters peft put adapters on (peft may add some
+    itself, e.g. Mixtral's router under transformers 5)."""
+    tuner = peft_model.base_model
+    layers = sorted({n.rsplit(".", 1)[-1] for n in tuner.targeted_module_names})
+    params = sorted(
+        {".".join(n.rsplit(".", 2)[-2:]) for n in getattr(tuner, "targeted_parameter_names", [])}
+    )
+    line = f"LoRA adapts: {', '.join(layers) or 'no layer'}"
+    return line + (f"; fused weights: {', '.join(params)}" if params else "")
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    target_modules: list[str] | str  # peft's target_modules ("all-linear" or names)
+    target_parameters: list[str]  # fused 3-D expert weights ("experts.gate_up_proj", ...)
+    notes: list[str]  # warnings the driver prints
+
+
+def _linear_names(model: Any) -> list[str]:
+    """Leaf names of the layers LoRA can adapt (Linear, GPT-2's Conv1D), head excluded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, mod in model.named_modules()
+        if _is_linear(mod) and mod is not head and ".lora_" not in n
+    }
+    return sorted(names)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _expert_parameters(model: Any) -> list[str]:
+    """`module.param` suffixes of fused expert weights: 3-D parameters (experts x out x in),
+    as transformers 5 stores MoE experts. Partitioned ZeRO-3 parameters keep `ds_shape`."""
+    found = set()
+    for mod_name, mod in model.named_modules():
+        if ".lora_" in mod_name or isinstance(mod, torch.nn.modules.conv._ConvNd):
+            continue
+        for p_name, p in mod.named_parameters(recurse=False):
+            if len(getattr(p, "ds_shape", p.shape)) == 3:
+                found.add(f"{mod_name.rsplit('.', 1)[-1]}.{p_name}")
+    return sorted(found)
+
+
+def lora_plan(model: Any, cfg: Config, strict: bool = True) -> LoraPlan:
+    """What peft adapts, checked against the architecture. `all-linear`: every linear
+    layer but the head, plus the routed experts' fused weights (peft `target_parameters`).
+    A list: each name must match a linear layer by peft's rule (the module's name or its
+    dotted suffix); names that match nothing are refused, not ignored (`strict`: on the
+    driver; workers and exports of runs started before this check rebuild the layout as
+    peft makes it)."""
+    lora, cls = cfg.lora, type(model).__name__
+    linear, experts = _linear_names(model), _expert_parameters(model)
+    if lora.target_modules == "all-linear":
+        if experts and lora.dropout > 0:
+            raise UserError(
+                f"lora.dropout: {cls} keeps its routed experts as fused weights "
+                f"({', '.join(experts)}), which all-linear adapts and peft cannot apply "
+                f"dropout to; set lora.dropout: 0, or list lora.target_modules to leave "
+                f"the experts out (got {lora.dropout})"
+            )
+        return LoraPlan("all-linear", experts, [])
+    modules = dict(model.named_modules())
+    problems = []
+    for target in lora.target_modules:
+        hits = [m for n, m in modules.items() if n == target or n.endswith(f".{target}")]
+        if not hits:
+            problems.append(
+                f"lora.target_modules: {target!r} matches no module of {cls}; "
+                f"its linear layers: {', '.join(linear)} (or use 'all-linear')"
+            )
+        elif not all(_is_linear(m) or isinstance(m, torch.nn.Embedding) for m in hits):
+            kind = type(next(m for m in hits if not _is_linear(m))).__name__
+            problems.append(
+                f"lora.target_modules: {target!r} names a {kind}, not a linear layer; "
+                f"linear layers of {cls}: {', '.join(linear)}"
+            )
+    if problems and strict:
+        raise UserError("\n".join(problems))
+    notes = []
+    if experts:
+        notes.append(
+            f"warning: the routed experts of {cls} ({', '.join(experts)}) are not adapted: "
+            "they are fused weights, not layers; lora.target_modules: all-linear adapts them"
+        )
+    return LoraPlan(list(lora.target_modules), [], notes)
+
+
+# ------------------------------------------------------------------ workers
+
+
 def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     """Load the causal LM; wrap it with LoRA adapters when `lora.enabled`.
 
@@ -50,7 +255,7 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
         cfg.model.name_or_path,
         dtype=load_dtype(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=resolved_attention(cfg),
         revision=cfg.model.revision,
     )
     del hf_ds
@@ -65,13 +270,14 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
 def _with_lora(model: Any, cfg: Config) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    lora = cfg.lora
+    lora, plan = cfg.lora, lora_plan(model, cfg, strict=False)
     peft_cfg = LoraConfig(
         task_type="CAUSAL_LM",
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r: floats work
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=plan.target_modules,
+        target_parameters=plan.target_parameters or None,
     )
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()

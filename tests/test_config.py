@@ -64,6 +64,8 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
     assert cfg.output_dir == Path("out")
     assert cfg.seed == 42
     assert cfg.lora.enabled is False
+    assert cfg.lora.target_modules == "all-linear"  # fits every architecture (checked)
+    assert cfg.model.attn_implementation == "auto"  # resolved before Ray starts
     assert cfg.deepspeed.zero_stage == 2
     assert cfg.deepspeed.precision is Precision.bf16
     assert cfg.deepspeed.offload_optimizer == "none" and cfg.deepspeed.offload_param == "none"
@@ -382,3 +384,10 @@ def test_every_config_key_is_in_the_readme_reference() -> None:
         assert m, f"README has no reference table for section {section!r}"
         documented = set(re.findall(r"^\| `([\w.]+)` \|", m.group(1), re.M))
         assert documented == keys(ann), (section, documented ^ keys(ann))
+
+
+def test_attn_implementation_names_the_allowed_values() -> None:
+    assert problems_of(with_section("model", name_or_path="m", attn_implementation="flash")) == [
+        "model.attn_implementation: Input should be 'auto', 'sdpa', 'eager' or "
+        "'flash_attention_2' (got 'flash')"
+    ]

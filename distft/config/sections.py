@@ -47,7 +47,12 @@ class ModelConfig(_Section):
     )
     gradient_checkpointing: bool = False
     trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="auto: the best the model supports (flash_attention_2 on GPU workers "
+        "in bf16/fp16 with flash-attn installed, else sdpa, else eager); resolved before "
+        "Ray starts.",
+    )
     revision: str | None = None
 
 
@@ -57,7 +62,9 @@ class LoraConfig(_Section):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+        "all-linear",
+        description="all-linear: every linear layer but the output head, and the routed "
+        "experts of MoE models; or module names, each of which must match a layer.",
     )
 
     @field_validator("target_modules")
