@@ -85,6 +85,7 @@ def _train(family: str, model_dir: Path, tiny: Any, root: Path, runs: FamilyRuns
         cfg["data"].update(eval_files=[], max_samples=64)
         cfg["batch"] = {"micro_batch_size": 4, "grad_accum": 1, "max_steps": STEPS}
         cfg["cluster"] = {"num_workers": 1}
+        cfg["logging"]["wandb"]["mode"] = "disabled"  # W&B is tested elsewhere: save its start
         t0 = time.perf_counter()
         proc = run_cli("train", str(write_config(out.parent / "config.yaml", cfg)))
         runs.seconds[name] = time.perf_counter() - t0
