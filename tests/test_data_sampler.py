@@ -195,7 +195,9 @@ def test_step_totals_equal_the_sum_of_every_ranks_micro_batches(batching: str) -
     for micro, accum in [(2, 2), (1, 3)]:
         cfg = make_cfg(micro, accum, batching=batching, epochs=2)
         cfg.data.max_seq_len = 64
-        ranks = [TrainBatches(split, cfg, ctx(r, world), pad_id=0, windowed=False) for r in range(world)]
+        ranks = [
+            TrainBatches(split, cfg, ctx(r, world), pad_id=0, windowed=False) for r in range(world)
+        ]
         for step in range(ranks[0].total_steps):
             batches = [b for tb in ranks for b in tb.for_step(step)]
             totals = ranks[0].step_totals(step)
