@@ -168,17 +168,13 @@ def layer_windows(config: Any) -> list[int | None]:
 
 
 def meta_model(config: Any, model_cls: Any = None) -> Any:
-    """The model of `config` built on the meta device (shapes only, eager attention), with
-    `model_cls` (the class of a model already built, remote code included) or
-    AutoModelForCausalLM. The config is copied: building sets its attention fields."""
-    from transformers import AutoModelForCausalLM
+    """The model of `config` on the meta device (`distft.model.on_meta`), with eager
+    attention. The config is copied: building sets its attention fields."""
+    from distft.model import on_meta
 
     config = copy.deepcopy(config)
     try:
-        with torch.device("meta"):
-            if model_cls is not None:
-                return model_cls._from_config(config, attn_implementation="eager")
-            return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        return on_meta(config, model_cls, attn_implementation="eager")
     except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as e:
         raise ValueError(
             f"cannot build {config.__class__.__name__}'s model to count it: {e}"

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from distft import model as model_mod
 from distft.config import Config
 from distft.errors import UserError
 from distft.model import _with_lora, load_tokenizer
@@ -76,12 +77,7 @@ class WeightWriter:
 
 def hf_config(cfg: Config) -> Any:
     """The base model's transformers config."""
-    from transformers import AutoConfig
-
-    m = cfg.model
-    return AutoConfig.from_pretrained(
-        m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision
-    )
+    return model_mod.hf_config(cfg)
 
 
 def write_metadata(out: Path, cfg: Config, tokenizer: Any, dtype: torch.dtype | None) -> None:
@@ -135,12 +131,7 @@ def training_tokenizer(cfg: Config, tokenizer: Any | None = None) -> Any:
 
 def meta_model(cfg: Config, lora: bool) -> Any:
     """The architecture without weights (meta device): names, shapes, the LoRA layout."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            hf_config(cfg), trust_remote_code=cfg.model.trust_remote_code
-        )
+    model = model_mod.meta_model(cfg)
     return _with_lora(model, cfg) if lora else model
 
 

@@ -81,17 +81,25 @@ def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str
     return cfg.model_copy(update={"model": model_section}, deep=True), lines
 
 
-def meta_model(cfg: Config, local_only: bool = False) -> Any:
-    """The architecture on the meta device (names, shapes, class flags), no weights read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def hf_config(cfg: Config, local_only: bool = False) -> Any:
+    """The base model's transformers config (`local_only`: never download it)."""
+    from transformers import AutoConfig
 
     m = cfg.model
-    config = AutoConfig.from_pretrained(
+    return AutoConfig.from_pretrained(
         m.name_or_path,
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,
         local_files_only=local_only,
     )
+
+
+def on_meta(config: Any, model_cls: Any = None, **kwargs: Any) -> Any:
+    """The architecture of a transformers `config` on the meta device: names, shapes and
+    class flags, no memory and no initialisation. `model_cls`: the class of a model already
+    built (remote code included); default AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers < 5
@@ -99,7 +107,15 @@ def meta_model(cfg: Config, local_only: bool = False) -> Any:
             no_init_weights,
         )
     with torch.device("meta"), no_init_weights():  # initialising is most of the time
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+        if model_cls is not None:
+            return model_cls._from_config(config, **kwargs)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def meta_model(cfg: Config, local_only: bool = False) -> Any:
+    """The run's base architecture on the meta device, no weights read."""
+    config = hf_config(cfg, local_only)
+    return on_meta(config, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def pick_attention(cfg: Config, model_cls: type) -> str:
