@@ -212,6 +212,12 @@ class ClusterConfig(_Section):
     placement: Literal["pack", "spread"] = "pack"
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 = unlimited.")
     dashboard_host: str = Field("127.0.0.1", description="Embedded Ray only.")
+    resource_timeout_s: float = Field(
+        300,
+        gt=0,
+        description="Give up (exit 2, naming what was asked and what the cluster has) when "
+        "the workers' resources are not available within this time.",
+    )
 
     @property
     def use_gpu(self) -> bool:
@@ -240,6 +246,19 @@ class WandbConfig(_Section):
     api_key: SecretStr | None = Field(None, description="Prefer env WANDB_API_KEY.")
 
 
+class WatchdogConfig(_Section):
+    """Hang detection: a stuck step dumps every rank's stack and restarts the workers."""
+
+    enabled: bool = True
+    slow_factor: float = Field(
+        20, gt=1, description="A step slower than this x the median of recent steps hangs."
+    )
+    min_s: float = Field(300, gt=0, description="Never call a step hung before this.")
+    max_s: float = Field(
+        3600, gt=0, description="Any step, eval or checkpoint save longer than this hangs."
+    )
+
+
 class LoggingConfig(_Section):
     every_n_steps: int = Field(1, gt=0)
     peak_tflops: float | None = Field(
@@ -260,6 +279,7 @@ class Config(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
