@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from distft import __version__, faults, reshard
+from distft import __version__, diskspace, faults, reshard
 from distft.config import Config
 from distft.dist import DistContext
 from distft.errors import UserError
@@ -64,6 +64,7 @@ class TrainState:
     wandb_run_id: str | None = None
     fingerprint: dict[str, str] = field(default_factory=dict)
     version: str = __version__
+    finished_at_step: int | None = None  # == step: the schedule ended here (rerun: no-op)
 
     def record_eval(self, loss: float) -> None:
         """The eval loss measured now, after `step` optimizer steps."""
@@ -225,10 +226,21 @@ class CheckpointCoordinator:
 
     # -- save
     def save(self, engine: Any, state: TrainState) -> Path:
-        """Collective: every rank must call it at the same step."""
+        """Collective: every rank must call it at the same step. A write the storage
+        refuses (full, over quota, read-only, I/O error) removes the partial directory
+        and raises `diskspace.WriteFailed`: the previous checkpoint stays the newest."""
+        staging = self.partial / f"step_{state.step:08d}"
+        try:
+            return self._save(engine, state, staging)
+        except Exception as e:
+            failed = diskspace.checkpoint_save_failed(e, self.root, staging, self.committed())
+            if failed is None:
+                raise
+            raise failed from None
+
+    def _save(self, engine: Any, state: TrainState, staging: Path) -> Path:
         t0 = time.perf_counter()
-        tag = f"step_{state.step:08d}"
-        staging = self.partial / tag
+        tag = staging.name
         if self.dist.is_main and staging.exists():
             shutil.rmtree(staging)  # leftovers of a crashed save at this step
         self.dist.barrier()
@@ -317,7 +329,8 @@ class CheckpointCoordinator:
         return state
 
     def load(self, engine: Any, ckpt: Path) -> TrainState:
-        """Restore engine (module, optimizer, lr scheduler), RNG and train state."""
+        """Restore engine (module, optimizer, lr scheduler), RNG and train state from
+        `ckpt`, which the caller has verified (`find_resume`): only then is it resharded."""
         state = self.read_state(ckpt)
         engine.checkpoint_engine = weights_only_checkpoint_engine()
         if state.world_size == self.dist.world_size:

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
 from distft import config as config_mod
+from distft import rundir
 from distft.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
+T = TypeVar("T")
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
@@ -53,14 +56,23 @@ def _check_model(cfg: config_mod.Config, train: bool) -> config_mod.Config:
     return resolved or cfg
 
 
+def _refuse_user_error(check: Callable[[T], None], arg: T) -> None:
+    try:
+        check(arg)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+
+
+def _check_output_dir(cfg: config_mod.Config) -> None:
+    """Missing, empty or a distft run (distft.rundir): never somebody else's files."""
+    _refuse_user_error(rundir.check, cfg)
+
+
 def _check_resume(cfg: config_mod.Config) -> None:
     """What the workers would refuse about resuming, found before Ray starts."""
     from distft.checkpoint import check_before_launch
 
-    try:
-        check_before_launch(cfg)
-    except UserError as e:
-        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+    _refuse_user_error(check_before_launch, cfg)
 
 
 def _check_data(cfg: config_mod.Config) -> None:
@@ -74,6 +86,7 @@ def _check_data(cfg: config_mod.Config) -> None:
 def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Check a config (and that its files exist and parse) without training."""
     cfg = _load(config, overrides, train=False)
+    _check_output_dir(cfg)
     _check_resume(cfg)
     out.print(
         f"ok: {config} ({cfg.cluster.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, "
@@ -85,14 +98,20 @@ def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_
 def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Fine-tune: typed config -> Ray workers -> DeepSpeed -> checkpoints + final model."""
     cfg = _load(config, overrides, train=True)
-    _check_resume(cfg)  # before config.yaml is written: a refusal changes nothing
+    _check_output_dir(cfg)  # every check before config.yaml is written: a refusal
+    _check_resume(cfg)  # changes nothing
+    if done := rundir.finished(cfg):
+        out.print(done, markup=False)  # and nothing is written
+        return
+    _refuse_user_error(rundir.claim, cfg.output_dir)
     config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
     from distft import preempt
     from distft.launch.ray import TrainingFailed, init_ray, launch
 
     t0 = time.perf_counter()
     preempt.clear(cfg.output_dir)
-    init_ray(cfg)  # before our signal handlers: ray.init installs its own SIGTERM handler
+    _refuse_user_error(init_ray, cfg)  # before our signal handlers (ray.init installs its
+    # own SIGTERM handler); no Ray at cluster.address: one line, exit 2
     with preempt.on_signal(cfg.output_dir) as signals:
         try:
             launch(cfg, log=lambda line: err.print(f"warning: {line}", markup=False))

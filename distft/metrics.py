@@ -3,13 +3,16 @@ every other rank gets a no-op. The W&B API key is never printed or written to di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from distft import diskspace
 from distft.config import Config
 from distft.dist import DistContext
 
@@ -32,12 +35,26 @@ class JsonlLogger:
     """Appends `{"step": ..., "time": ..., **metrics}` lines; flushed on every write."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = path.open("a", encoding="utf-8")
+        self._path = path
+        with self._refused():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self._f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        self._f.flush()
+        with self._refused():
+            self._f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self._f.flush()
+
+    @contextlib.contextmanager
+    def _refused(self) -> Iterator[None]:
+        """A full (or read-only, ...) disk under the run directory: one line, no retry."""
+        try:
+            yield
+        except OSError as e:
+            failed = diskspace.logging_write_failed(e, self._path)
+            if failed is None:
+                raise
+            raise failed from None
 
     def close(self) -> None:
         self._f.close()

@@ -1,9 +1,12 @@
 """Model and tokenizer loading. Full fine-tuning vs LoRA is decided here, once.
 
-`check_model` runs on the driver before Ray starts: from the model's config alone (the
-architecture built on the meta device, no weights read) it resolves
-`model.attn_implementation: auto` to what the model supports and checks that every LoRA
-target exists. Workers build the same LoRA layout with `_with_lora`.
+`check_model` runs on the driver before Ray starts: from the model's config alone (a local
+folder's `config.json` checked first, `model_files`; the architecture built on the meta
+device, no weights read) it resolves `model.attn_implementation: auto` to what the model
+supports, checks `data.max_seq_len` against the model's positions and that every LoRA
+target exists. (A local folder's weight headers and tokenizer files are checked with the
+data, `model_files.check_local_files`, which the CLI runs first.) Workers build the same
+LoRA layout with `_with_lora`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from distft.config import Config, Precision
 from distft.errors import UserError
+from distft.model_files import check_model_config
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,9 +52,10 @@ def load_tokenizer(cfg: Config) -> Any:
 
 
 def check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str]]:
-    """Resolve `model.attn_implementation` and check the LoRA targets against the model's
-    architecture, reading only its config (no weights). Returns the config with a concrete
-    attention implementation and lines to print, or (None, [why]) when the model's config
+    """Check a local model folder's config.json (`model_files`), resolve
+    `model.attn_implementation`, check `data.max_seq_len` and the LoRA targets against the
+    model's architecture, reading only its config (no weights). Returns the config with a
+    concrete attention implementation and lines to print, or (None, [why]) when the model's config
     is not available here (`local_only`: a hub model that is not in the local cache).
     Raises UserError (one line per problem) for a choice the model cannot take."""
     with warnings.catch_warnings():  # peft/transformers notes about their own choices
@@ -59,8 +64,11 @@ def check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str]
 
 
 def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str]]:
+    if Path(cfg.model.name_or_path).is_dir():  # its weights: model_files.check_local_files
+        check_model_config(Path(cfg.model.name_or_path), cfg.model.trust_remote_code)
     try:
-        model = meta_model(cfg, local_only=local_only)
+        config = hf_config(cfg, local_only)
+        model = on_meta(config, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:  # not cached (validate), not reachable, unknown type
         if local_only and not Path(cfg.model.name_or_path).exists():
             return None, [
@@ -71,6 +79,7 @@ def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str
         raise UserError(
             f"model.name_or_path: cannot read the config of {cfg.model.name_or_path} ({why})"
         ) from None
+    check_positions(cfg.data.max_seq_len, config)
     attn = pick_attention(cfg, type(model))
     lines = [f"attention: {attn}" + (" (auto)" if cfg.model.attn_implementation == "auto" else "")]
     if cfg.lora.enabled:
@@ -116,6 +125,53 @@ def meta_model(cfg: Config, local_only: bool = False) -> Any:
     """The run's base architecture on the meta device, no weights read."""
     config = hf_config(cfg, local_only)
     return on_meta(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+SCALED = ("linear", "dynamic", "yarn", "longrope", "llama3")  # rope types with a `factor`
+
+
+def max_positions(config: Any) -> tuple[int, str] | None:
+    """The longest sequence the model's config allows and where that number comes from:
+    its position limit (`max_position_embeddings`, GPT-2's `n_positions`, ...), or, with
+    rope scaling, `factor` x `original_max_position_embeddings` when that is larger.
+    None when the config names no limit."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = [(getattr(text, k, None), k) for k in POSITION_KEYS]
+    found = [(n, k) for n, k in values if isinstance(n, int) and not isinstance(n, bool)]
+    if not found:
+        return None
+    limit, key = found[0]
+    key = getattr(text, "attribute_map", {}).get(key, key)  # the name in config.json
+    for rope in _rope_settings(text):
+        if rope.get("rope_type", rope.get("type")) in SCALED and rope.get("factor"):
+            base = rope.get("original_max_position_embeddings") or limit
+            scaled = int(float(rope["factor"]) * base)
+            if scaled > limit:
+                limit, key = scaled, f"rope scaling {rope['factor']} x {base}"
+    return limit, key
+
+
+def _rope_settings(config: Any) -> list[dict[str, Any]]:
+    """Rope parameters (transformers 5: `rope_parameters`, per layer type for some models;
+    before: `rope_scaling`)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        return []
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    return nested or [rope]
+
+
+def check_positions(max_seq_len: int, config: Any) -> None:
+    """`data.max_seq_len` within the positions the model has (beyond them a model with
+    learned positions fails on the workers, and a rope model was never trained there)."""
+    found = max_positions(config)
+    if found is not None and max_seq_len > found[0]:
+        limit, key = found
+        raise UserError(
+            f"data.max_seq_len: {max_seq_len} is above the model's limit of {limit} "
+            f"positions ({key}); set data.max_seq_len to at most {limit}"
+        )
 
 
 def pick_attention(cfg: Config, model_cls: type) -> str:

@@ -7,6 +7,12 @@ once with `deepspeed.checkpoint.ds_to_universal` into `checkpoints/.universal/<t
 files, and every rank loads that with `load_universal_checkpoint` switched on for the one
 call. The data position is carried by the global sample count, so nothing is skipped or
 repeated (see `distft.data.loader`).
+
+Safety: DeepSpeed's converter and universal loader call `torch.load(weights_only=False)`;
+here they run under `weights_only_loads()` (tensors, containers and the allow-listed
+DeepSpeed classes only). The conversion writes `universal_manifest.json` last (each
+file's hash and the source checkpoint's manifest hash); a `.universal/<tag>` folder is
+reused only if it matches, else it is converted again.
 """
 
 from __future__ import annotations
@@ -14,57 +20,142 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
+import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from distft.dist import DistContext
+from distft.fingerprint import hash_file
 
-DONE = "CONVERTED"
+MANIFEST = "universal_manifest.json"
 
 
 def to_universal(ckpt: Path, dist: DistContext) -> Path:
-    """Collective: the universal copy of `ckpt`, converted by rank 0 if not done yet."""
+    """Collective: the universal copy of `ckpt` (which the caller has verified against its
+    manifest), converted by rank 0 unless an intact copy of this very checkpoint exists."""
     target = ckpt.parent / ".universal" / ckpt.name
-    if dist.is_main and not (target / DONE).is_file():
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        staging = target.with_name(f".{ckpt.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        args = argparse.Namespace(
-            input_folder=str(ckpt),
-            output_folder=str(staging),
-            num_extract_workers=1,  # in-process: no fork inside a Ray worker
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=True,  # needed for checkpoints DeepSpeed wrote itself
-        )
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
-            ds_to_universal(args)
-        for f in ckpt.glob("*model_states.pt"):  # those DeepSpeed did not write itself
-            if not (staging / f.name).exists():
-                os.link(f, staging / f.name)
-        (staging / DONE).write_text(ckpt.name)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+    if dist.is_main:
+        problem = check_universal(target, ckpt) if target.exists() else None
+        if problem:
+            dist.log(f"converting again: {problem}")
+        if problem or not target.exists():
+            _convert(ckpt, target)
     dist.barrier()
     return target
 
 
+def _convert(ckpt: Path, target: Path) -> None:
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    staging = target.with_name(f".{ckpt.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt),
+        output_folder=str(staging),
+        num_extract_workers=1,  # in-process: no fork inside a Ray worker
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # needed for checkpoints DeepSpeed wrote itself
+    )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():  # its chatter
+            ds_to_universal(args)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for f in ckpt.glob("*model_states.pt"):  # those DeepSpeed did not write itself
+        if not (staging / f.name).exists():
+            os.link(f, staging / f.name)
+    write_universal_manifest(staging, ckpt)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def _source_id(ckpt: Path) -> str:
+    """The converted checkpoint's identity: the hash of its (verified) manifest."""
+    return hash_file(ckpt / "manifest.json")
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def write_universal_manifest(folder: Path, ckpt: Path) -> None:
+    """Written last: every file's xxh3-128 (as in a checkpoint's manifest) and the source."""
+    files = {name: hash_file(folder / name, sync=True) for name in _files(folder)}
+    manifest = {"source": ckpt.name, "source_manifest": _source_id(ckpt), "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def check_universal(folder: Path, ckpt: Path) -> str | None:
+    """None if `folder` is an intact conversion of `ckpt`, else one line saying why not."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files: dict[str, str] = manifest["files"]
+        source = manifest["source_manifest"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{folder}: no valid {MANIFEST} ({type(e).__name__})"
+    if source != _source_id(ckpt):
+        return f"{folder}: converted from another {ckpt.name}"
+    present = _files(folder)
+    if present != sorted(files):
+        extra = sorted(set(present) ^ set(files))
+        return f"{folder}: files differ from its manifest ({', '.join(extra[:3])})"
+    for name in present:
+        if hash_file(folder / name) != files[name]:
+            return f"{folder}: {name} does not match its hash"
+    return None
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within: every `torch.load` (DeepSpeed's converter and universal loader pass
+    `weights_only=False`) unpickles only tensors, containers and the allow-listed
+    DeepSpeed classes; anything else is refused in one line (`CheckpointError`). The
+    allow-list is entered per call: torch's `safe_globals` removes its classes on exit,
+    so a nested one (the weights-only checkpoint engine's) would empty an outer one."""
+    import torch
+
+    from distft.checkpoint import CheckpointError, deepspeed_pickled_classes
+
+    original, allowed = torch.load, deepspeed_pickled_classes()
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{f}: refused to unpickle ({first})") from None
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original  # type: ignore[assignment]
+
+
 def load_universal(engine: Any, universal: Path) -> Any:
     """`engine.load_checkpoint` from a universal checkpoint (DeepSpeed reads the switch
-    from its config at load time; it is restored right after)."""
+    from its config at load time; it is restored right after), weights only."""
     config = engine._config
     config.load_universal_checkpoint = True
     try:
-        path, _ = engine.load_checkpoint(
-            str(universal.parent),
-            tag=universal.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        with weights_only_loads():
+            path, _ = engine.load_checkpoint(
+                str(universal.parent),
+                tag=universal.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
     finally:
         config.load_universal_checkpoint = False
     return path

@@ -14,7 +14,9 @@ Loss normalisation (per optimizer step, over *global* target tokens):
     therefore weighs exactly its token count, whatever the (micro x accum x world) split.
 
 Communication per step beyond DeepSpeed's own: one all-reduce after the optimizer step
-(loss for the metrics, each rank's peak memory, and the vote to stop).
+(loss for the metrics, each rank's peak memory, and the vote to stop). Each step and
+in-loop eval is a phase of the hang watchdog (`distft.watchdog`): a clock read, no
+communication.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from distft import faults, watchdog
 from distft.config import Config
 from distft.data import Batch, TrainBatches
 from distft.dist import DistContext
@@ -68,6 +71,8 @@ def train(
     summary: dict[str, float] = {}
     step = start_step
     while step < data.total_steps:
+        watchdog.begin("step", step + 1)  # ended after the step's all-reduce
+        faults.maybe_hang(step + 1, dist.rank, cfg.output_dir)
         t0 = time.perf_counter()
         micro_batches = [b.to(dist.device) for b in data.for_step(step)]
         totals = data.step_totals(step)  # all ranks' targets: computed, not communicated
@@ -87,6 +92,7 @@ def train(
         local = [loss_sum.item(), float(stop_requested()), *perf.memory_by_rank()]
         loss_total, stop_votes, *peak_mem = dist.sum(local)
         dt = time.perf_counter() - t0
+        watchdog.end()
         grad_norm = _grad_norm(engine, own_norm)
         metrics = {
             "train/loss": loss_total / totals.targets,
@@ -100,7 +106,8 @@ def train(
             **perf.metrics(dt, totals.tokens, perf.flops(totals), peak_mem),
         }
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
-            metrics["eval/loss"] = evaluate(engine, eval_data, dist)
+            with watchdog.phase("eval", step):
+                metrics["eval/loss"] = evaluate(engine, eval_data, dist)
         if step % cfg.logging.every_n_steps == 0 or step == data.total_steps:
             logger.log(metrics, step)
         progress(step, metrics)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from distft import dist as distmod
-from distft import preempt
+from distft import preempt, watchdog
 from distft.checkpoint import CheckpointCoordinator, TrainState
 from distft.config import Config
 from distft.data import TrainBatches, describe, eval_batches, prepare
@@ -77,10 +77,8 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     split = ", ".join(f"{n} {t - t0:.2f}s" for (n, t), t0 in zip(laps, starts, strict=False))
     dist.log(f"ready in {laps[-1][1] - t_start:.1f}s ({split}); {batches.total_steps} steps")
 
-    if evals and state.step == 0:
-        logger.log({"eval/loss": evaluate(engine, evals, dist)}, 0)
-
     stopped_by: list[str] = []
+    drain: list[str] = []  # a Ray node drain this rank was told of (preempt.drain_announced)
 
     def on_step_end(step: int, metrics: dict[str, float], preempted: bool) -> bool:
         """Checkpoint cadence and early stops; True stops the loop (the same on all ranks:
@@ -95,22 +93,34 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             stopped_by.append("batch.stop_after_steps")
         every = cfg.checkpoint.every_n_steps
         if stopped_by or (every and step % every == 0 and step < batches.total_steps):
-            ckpts.save(engine, state)
+            with watchdog.phase("save", step):
+                ckpts.save(engine, state)
+        if preempted and drain:  # tells the launcher: a Ray drain, not a signal
+            preempt.note_drain(cfg.output_dir, f"{drain[0]}; checkpoint committed at step {step}")
         return bool(stopped_by)
 
     def stop_requested() -> bool:
-        return preempt.requested(cfg.output_dir)
+        if not drain and (why := preempt.drain_announced()):
+            drain.append(why)
+        return bool(drain) or preempt.requested(cfg.output_dir)
 
-    train(cfg, dist, engine, batches, evals, logger, state.step, stop_requested, on_step_end)
-    if stopped_by:
-        dist.log(f"stopped at step {state.step} ({stopped_by[0]}); checkpoint committed")
-        logger.close()
-        return
-    if evals:
-        final_eval = evaluate(engine, evals, dist)
-        state.record_eval(final_eval)
-        logger.log({"eval/loss": final_eval}, state.step)
-    ckpts.save(engine, state)
-    if cfg.checkpoint.save_final_model:
-        save_final(engine, tokenizer, cfg, dist)
+    with watchdog.watching(cfg.watchdog, cfg.output_dir, dist.rank, dist.world_size):
+        if evals and state.step == 0:
+            with watchdog.phase("eval", 0):
+                logger.log({"eval/loss": evaluate(engine, evals, dist)}, 0)
+        train(cfg, dist, engine, batches, evals, logger, state.step, stop_requested, on_step_end)
+        if stopped_by:
+            dist.log(f"stopped at step {state.step} ({stopped_by[0]}); checkpoint committed")
+            logger.close()
+            return
+        if evals:
+            with watchdog.phase("eval", state.step):
+                final_eval = evaluate(engine, evals, dist)
+            state.record_eval(final_eval)
+            logger.log({"eval/loss": final_eval}, state.step)
+        state.finished_at_step = state.step  # the schedule is complete: a rerun has nothing to do
+        with watchdog.phase("save", state.step):
+            ckpts.save(engine, state)
+            if cfg.checkpoint.save_final_model:
+                save_final(engine, tokenizer, cfg, dist)
     logger.close()

@@ -94,7 +94,8 @@ def refuse(
     watched = list(unchanged)
     before = snapshot(watched)
     outcome = run(*args, cwd=cwd, subprocess=subprocess)
-    shown = f"exit {outcome.code}\nstdout:\n{outcome.stdout[-3000:]}\nstderr:\n{outcome.stderr[-3000:]}"
+    tail = f"stdout:\n{outcome.stdout[-3000:]}\nstderr:\n{outcome.stderr[-3000:]}"
+    shown = f"exit {outcome.code}\n{tail}"
     expected = [expect] if isinstance(expect, str) else expect
     assert outcome.code == code, shown
     assert "Traceback" not in outcome.stdout + outcome.stderr, shown

@@ -10,13 +10,15 @@ session) bit for bit: per-step losses and final weights.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from tests.support import run_cli, tiny_config, write_config
+from tests.support import DISTFT, REPO, run_cli, tiny_config, write_config
 
 STEPS = 30
 
@@ -35,6 +37,19 @@ def cluster_config(tiny: Any, out: Path, **sections: dict[str, Any]) -> Path:
         base[name] = {**base.get(name, {}), **values}
     cfg = tiny_config(tiny, out, **base)
     return write_config(out.parent / f"{out.name}.yaml", cfg)
+
+
+def start_train(host: Any, cfg: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`distft train CFG` on a test host (tests/netns_fixture.py), in the background, its
+    output to `log`."""
+    with log.open("w") as f:
+        return subprocess.Popen(
+            host.argv([DISTFT, "train", str(cfg)]),
+            cwd=REPO,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
 
 
 def reference_run(tiny: Any, out: Path) -> Path:

@@ -179,13 +179,16 @@ def _row(family: str, run: str, seconds: float, final_delta: float, export: Any)
 
 @pytest.fixture(scope="module")
 def configs(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """family -> a folder holding only its config.json (the checks read nothing else)."""
+    """family -> a folder holding only its config.json and an empty weights file (the
+    driver's checks read the config and the weights' headers only)."""
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.model_dir)
     root = tmp_path_factory.mktemp("configs")
     for family in FAMILIES:
         family_config(family, tokenizer).save_pretrained(root / family)
+        save_file({}, root / family / "model.safetensors")
     return {family: root / family for family in FAMILIES}
 
 

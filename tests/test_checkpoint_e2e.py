@@ -159,6 +159,16 @@ def test_flipped_byte_is_caught_by_hash_before_loading(reference, tiny, small_tr
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size, one bit
     shard.write_bytes(bytes(data))
+    # named explicitly, it is refused by the workers (the driver does not hash shards):
+    # bad input, so one line and exit 2, and no Ray traceback (issue 16)
+    refused = train(cfg, f"checkpoint.resume={shard.parent}")
+    shown = refused.stdout[-3000:] + refused.stderr[-5000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and "Traceback" not in refused.stdout + refused.stderr, shown
+    assert errors == [
+        f"error: checkpoint.resume: {shard.parent}: {shard.name} does not match its hash "
+        "(corrupted)"
+    ], shown
     resumed = ok(train(cfg))
     assert f"skipping checkpoint: {shard.parent}: {shard.name} does not match its hash" in (
         resumed.stdout

@@ -204,3 +204,78 @@ def test_ray_submit_script_contract() -> None:
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown option --bogus")
     missing = subprocess.run(["bash", str(SUBMIT), "no/such.yaml"], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr == "error: no/such.yaml: no such file\n"
+
+
+# ----------------------------------------------------------- dashboard exposure and auth
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def dashboard_host(command: str) -> str:
+    """The --dashboard-host of a `ray start --head` command line (unset: Ray's default,
+    localhost)."""
+    found = re.search(r"--dashboard-host[= ]\"?([^\s\"]+)", command)
+    return found.group(1) if found else "localhost"
+
+
+def token_auth_from_secret(env: list[dict[str, Any]]) -> bool:
+    """A container env with Ray token auth on and the token read from a Secret."""
+    by_name = {e["name"]: e for e in env}
+    mode = by_name.get("RAY_AUTH_MODE", {}).get("value")
+    token = by_name.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+    return mode == "token" and bool(token and token.get("name") and token.get("key"))
+
+
+def head_starts() -> dict[str, list[str]]:
+    """Every command line that starts a Ray head (`ray start --head`, or the sbatch's
+    `ray_node ... --head`) in the shipped files, by file (shell continuations joined)."""
+    found: dict[str, list[str]] = {}
+    files = [p for p in (*CONFIGS.rglob("*"), *(REPO / "launch").rglob("*")) if p.is_file()]
+    for path in files:
+        text = re.sub(r"\\\n\s*", " ", path.read_text())
+        heads = [line for line in text.splitlines() if re.search(r"\s--head(\s|$)", line)]
+        if heads:
+            found[str(path.relative_to(REPO))] = heads
+    return found
+
+
+def test_no_shipped_dashboard_is_open_without_a_token() -> None:
+    """The dashboard is Ray's job API: whoever reaches it runs code. Every shipped head
+    binds it to loopback (reached over `ray dashboard` / an SSH tunnel) or turns Ray's
+    token authentication on."""
+    starts = head_starts()
+    assert set(starts) == {
+        "cluster_configs/ray/aws-gpu.yaml",
+        "cluster_configs/ray/gcp-gpu.yaml",
+        "launch/slurm/distft.sbatch",
+    }, starts
+    for name, commands in starts.items():
+        for command in commands:
+            assert dashboard_host(command) in LOOPBACK, f"{name}: {command}"
+    sbatch = SBATCH.read_text()  # and Slurm has token auth on besides
+    assert "export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}" in sbatch
+    fresh_token = r"^export RAY_AUTH_TOKEN=\$\{RAY_AUTH_TOKEN:-\$\(od .*/dev/urandom"
+    assert re.search(fresh_token, sbatch, re.M)
+
+    # KubeRay: the head serves the submitter pod, so it listens on the pod network, with
+    # token auth in every pod and in the submitter, the token from a Secret
+    docs = kuberay()
+    spec = docs["RayCluster"]["spec"]
+    host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1")
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    pods = [g["template"]["spec"] for g in groups]
+    submitter = docs["RayJob"]["spec"].get("submitterPodTemplate", {}).get("spec")
+    if host not in LOOPBACK:
+        assert submitter is not None, "the RayJob submitter has no token"
+        pods.append(submitter)
+        for pod in pods:
+            for container in pod["containers"]:
+                assert token_auth_from_secret(container.get("env", [])), container["name"]
+        assert not submitter["containers"][0].get("command")  # KubeRay supplies the submit
+    header = (CONFIGS / "kuberay" / "raycluster.yaml").read_text()
+    assert "kubectl create secret generic distft-ray-auth --from-literal=token=" in header
+
+    # the embedded local Ray (`distft train` without cluster.address)
+    from distft.config.sections import ClusterConfig
+
+    assert ClusterConfig().dashboard_host in LOOPBACK

@@ -18,7 +18,6 @@ import os
 import random
 import re
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,14 @@ from typing import Any
 import pytest
 
 from tests import netns_fixture
-from tests.cluster_run import STEPS, assert_same_training, cluster_config, launches, losses
+from tests.cluster_run import (
+    STEPS,
+    assert_same_training,
+    cluster_config,
+    launches,
+    losses,
+    start_train,
+)
 from tests.support import DISTFT, REPO
 
 NO_NETNS = netns_fixture.unavailable()
@@ -103,14 +109,7 @@ def test_cut_host_fails_over_and_matches_uninterrupted_run(
     )
     cut_step = random.Random().randrange(EVERY + 2, STEPS - 4)
     log = tmp / "train.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            h1.argv([DISTFT, "train", str(cfg)]),
-            cwd=REPO,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-        )
+    proc = start_train(h1, cfg, log, env)
     cut_after = None
     try:
         deadline = time.monotonic() + 400

@@ -14,8 +14,25 @@ from pydantic import BaseModel, ValidationError
 from distft.config.sections import Config, ConfigError
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping that names the same key twice (PyYAML would keep the last silently)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-5` and `5e8` as floats (YAML 1.2), not strings."""
+    """SafeLoader that reads `1e-5` and `5e8` as floats (YAML 1.2), not strings, and
+    refuses a key given twice in one mapping (merge keys `<<` may still override)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in first_line:
+                problem = f"duplicate key {key!r} (first at line {first_line[key]})"
+                raise DuplicateKey(None, None, problem, key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -45,8 +62,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key.strip():
             problems.append(f"override '{item}': expected key=value, e.g. optim.lr=1e-5")
             continue
+        parts = [part.strip() for part in key.strip().split(".")]
+        if not all(parts):
+            problems.append(f"override '{item}': empty key part")
+            continue
         node = out
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
@@ -58,6 +78,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         else:
             try:
                 node[parts[-1]] = _yaml(value) if value != "" else ""
+            except DuplicateKey as e:
+                problems.append(f"override '{item}': {e.problem}")
             except yaml.YAMLError:
                 node[parts[-1]] = value
     if problems:
@@ -103,17 +125,35 @@ def from_dict(raw: dict[str, Any]) -> Config:
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read YAML at `path`, apply overrides, validate. Raises ConfigError."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"{p}: config file not found"])
     try:
-        raw = _yaml(p.read_text()) or {}
+        raw = _yaml(_read_text(p)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
+        if isinstance(e, DuplicateKey):
+            raise ConfigError([f"{where}: {e.problem}"]) from None
         raise ConfigError([f"{where}: invalid YAML ({getattr(e, 'problem', e)})"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{p}: expected a mapping of sections at the top level"])
     return from_dict(apply_overrides(raw, overrides or []))
+
+
+def _read_text(p: Path) -> str:
+    """The config file's text; anything that is not a readable UTF-8 file is one line."""
+    if p.is_dir():
+        raise ConfigError([f"{p}: is a directory, not a config file"])
+    if not p.exists():
+        raise ConfigError([f"{p}: config file not found"])
+    if not p.is_file() and not p.is_fifo():  # a pipe: `distft train <(envsubst < c.yaml)`
+        raise ConfigError([f"{p}: not a regular file"])
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot read ({e.strerror or e})"]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{p}: not UTF-8 text (byte {e.start})"]) from None
 
 
 def resolve_paths(cfg: Config, base: Path | None = None) -> Config:

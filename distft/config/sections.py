@@ -3,6 +3,7 @@ that span sections. Unknown keys are rejected."""
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -148,21 +149,94 @@ class DataConfig(_Section):
         return self
 
     def resolved(self, absolute: Any) -> tuple[DataConfig, list[str]]:
-        """Local paths made absolute by `absolute(str) -> str`; missing ones as problems."""
-        data, problems = self.model_copy(deep=True), []
+        """Local paths made absolute by `absolute(str) -> str`; unusable ones (missing,
+        not a file or folder, a folder without data files), a cache_dir that is no
+        folder, and eval data that is also training data, as problems."""
+        data = self.model_copy(deep=True)
         for key in ("train_files", "eval_files"):
-            files = [absolute(f) for f in getattr(self, key)]
-            problems += [f"data.{key}: file not found: {f}" for f in files if not Path(f).exists()]
-            setattr(data, key, files)
-        for key in ("sources", "eval_sources"):
-            for i, src in enumerate(getattr(data, key)):
-                if src.path is not None:
-                    src.path = absolute(src.path)
-                    if not Path(src.path).exists():
-                        problems.append(f"data.{key}.{i}.path: file not found: {src.path}")
+            setattr(data, key, [absolute(f) for f in getattr(self, key)])
+        for src in data.sources + data.eval_sources:
+            src.path = None if src.path is None else absolute(src.path)
+        problems = [p for key, path in data.local_paths() if (p := _path_problem(key, path))]
         if self.cache_dir is not None:
             data.cache_dir = absolute(self.cache_dir)
-        return data, problems
+            problems += _dir_problem("data.cache_dir", Path(data.cache_dir))
+        return data, problems + data.eval_overlaps()
+
+    def local_paths(self, which: str = "") -> list[tuple[str, str]]:
+        """(key, path) of every local data path; `which`: "train", "eval" or both."""
+        out = []
+        for split, files, sources in (
+            ("train", "train_files", "sources"),
+            ("eval", "eval_files", "eval_sources"),
+        ):
+            if which in ("", split):
+                out += [(f"data.{files}", f) for f in getattr(self, files)]
+                out += [
+                    (f"data.{sources}.{i}.path", s.path)
+                    for i, s in enumerate(getattr(self, sources))
+                    if s.path is not None
+                ]
+        return out
+
+    def eval_overlaps(self) -> list[str]:
+        """Eval data that is (or lies inside, or contains) training data: evaluating on
+        what the model trains on hides overfitting."""
+        train = [(key, Path(p).resolve()) for key, p in self.local_paths("train")]
+        train_hubs = {(s.hub, s.subset, s.split, s.revision): i for i, s in enumerate(self.sources)}
+        problems = []
+        for key, path in self.local_paths("eval"):
+            real = Path(path).resolve()
+            hit = next(
+                (k for k, t in train if real == t or t in real.parents or real in t.parents), None
+            )
+            if hit is not None:
+                problems.append(f"{key}: {path} is also training data ({hit}); {_OVERLAP}")
+        for i, s in enumerate(self.eval_sources):
+            j = train_hubs.get((s.hub, s.subset, s.split, s.revision))
+            if s.hub is not None and j is not None:
+                problems.append(
+                    f"data.eval_sources.{i}.hub: {s.hub} (split {s.split}) is also training "
+                    f"data (data.sources.{j}); {_OVERLAP}"
+                )
+        return problems
+
+
+_OVERLAP = "evaluating on the training data hides overfitting (data.val_fraction holds some out)"
+
+
+def _path_problem(key: str, path: str) -> str | None:
+    """Why a local data path cannot be read, or None."""
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        return f"{key}: dangling symlink: {path}"
+    if not p.exists():
+        return f"{key}: file not found: {path}"
+    if p.is_dir():
+        from distft.data.records import DataError, data_files
+
+        try:
+            data_files(p)
+        except DataError as e:
+            return f"{key}: {e}"
+        return None
+    if not p.is_file():
+        return f"{key}: not a regular file or folder: {path}"
+    if not os.access(p, os.R_OK):
+        return f"{key}: not readable: {path}"
+    return None
+
+
+def _dir_problem(key: str, path: Path) -> list[str]:
+    """A folder distft will create or write into: anything but a folder in its place (or
+    in place of a parent) is a problem."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if p.is_dir():
+                return []
+            where = "" if p == path else f"cannot be created: {p} "
+            return [f"{key}: {path} {where}is not a folder"]
+    return []
 
 
 class OptimConfig(_Section):
@@ -234,6 +308,13 @@ class CheckpointConfig(_Section):
         False, description="Resume even if model/data/hyperparameters changed since the save."
     )
     save_final_model: bool = True
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
 
 
 class WandbConfig(_Section):

@@ -7,6 +7,9 @@
 - `Text`: `text` (continued pre-training: every token is trained);
 - `Tokens`: `tokenized` (`input_ids`, optional `labels`).
 
+A conversation has an optional first system message, then user and assistant turns in
+turn, starting with the user's (as the chat templates that check it require).
+
 Field names can be remapped (`fields: {canonical: name in the records}`). A bad record
 raises `ValueError` with what is wrong; the reader adds `file:line`.
 """
@@ -76,6 +79,13 @@ def _text(record: dict[str, Any], key: str, required: bool = True) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise ValueError(f"field '{key}' must be a string, got {type(value).__name__}")
+    try:  # JSON can spell lone surrogates (\ud800), which no tokenizer takes
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"field '{key}': character {e.start} is a lone surrogate "
+            f"({value[e.start]!r}), not Unicode text"
+        ) from None
     return value
 
 
@@ -132,9 +142,29 @@ def _chat(record: dict[str, Any], f: _Fields) -> list[dict[str, str]]:
         if role not in mapping:
             raise ValueError(f"{key}[{i}].{role_key}: unknown role {role!r}; allowed: {roles}")
         out.append({"role": mapping[role], "content": _text(m, content_key)})
+        _check_turn(out, f"{key}[{i}].{role_key}", role)
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError("no assistant message: nothing to train on")
     return out
+
+
+ALTERNATION = "after an optional first system message, turns alternate user, assistant, ..."
+
+
+def _check_turn(out: list[dict[str, str]], where: str, spelled: str) -> None:
+    """The last message of `out` in its place: a system message first only, then user and
+    assistant turns in turn (what chat templates that check, Mistral's and Gemma's, allow;
+    a conversation that breaks it renders differently, or not at all, across templates)."""
+    role, i = out[-1]["role"], len(out) - 1
+    if role == "system":
+        if i > 0:
+            raise ValueError(f"{where}: a system message after the first message; {ALTERNATION}")
+        return
+    turn = i - (out[0]["role"] == "system")
+    expected = ("user", "assistant")[turn % 2]
+    if role != expected:
+        got = repr(spelled) + (f" ({role})" if spelled != role else "")
+        raise ValueError(f"{where}: {got} where the {expected} turn belongs; {ALTERNATION}")
 
 
 def _int_list(record: dict[str, Any], key: str) -> list[int]:
@@ -144,6 +174,8 @@ def _int_list(record: dict[str, Any], key: str) -> list[int]:
     for i, x in enumerate(value):
         if not isinstance(x, int) or isinstance(x, bool):
             raise ValueError(f"{key}[{i}] must be an integer, got {type(x).__name__}")
+        if not -(2**31) <= x < 2**31:  # token ids and labels are stored as int32
+            raise ValueError(f"{key}[{i}]: {x} is not a token id (out of the int32 range)")
     return value
 
 

@@ -130,7 +130,9 @@ def check_records(cfg: Config) -> None:
 
     The tokenizer is used when it is a local folder or in the Hugging Face cache; otherwise
     (and for hub datasets, whose reading may need a download) that is left to the workers.
-    Sources already tokenized with these settings are skipped."""
+    Sources already tokenized with these settings are skipped. Local model and tokenizer
+    folders are checked first, from their files (`model_files.check_local_files`: config,
+    weight headers, tokenizer files), since the tokenizer is read from them."""
     data = cfg.data
     root = cache_root(data)
     tokenizer = _local_tokenizer(cfg)
@@ -164,7 +166,11 @@ def _sampled(samples: Iterable[Sample]) -> Iterator[Sample]:
 
 
 def _local_tokenizer(cfg: Config) -> Any:
-    """The run's tokenizer if it can be loaded without a download, else None."""
+    """The run's tokenizer if it can be loaded without a download, else None. Local
+    folders' files are checked first (`model_files`: one line naming the file)."""
+    from distft.model_files import check_local_files
+
+    check_local_files(cfg)
     name = cfg.model.tokenizer or cfg.model.name_or_path
     if not Path(name).is_dir():
         from huggingface_hub import try_to_load_from_cache
@@ -174,11 +180,21 @@ def _local_tokenizer(cfg: Config) -> Any:
             return None
     from distft.model import load_tokenizer
 
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
     try:
         return load_tokenizer(cfg)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"model.tokenizer: cannot load tokenizer {name!r}: {first}") from None
+    except Exception as e:  # noqa: BLE001 - files that parse can still fail to load in many
+        # ways (KeyError in transformers, the Rust library's own errors): one line, no trace
+        raise DataError(f"{key}: cannot load tokenizer {name!r}: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    """The first line of an error (with its type where the message alone is unclear)."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(e, (OSError, ValueError)) and first:
+        return first
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def read_conversations(

@@ -46,22 +46,39 @@ def data_files(path: Path) -> list[Path]:
 
 
 def _text(path: Path) -> str:
+    """The file's UTF-8 text, without a byte order mark (spreadsheet exports write one)."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
 
 
+def _json(text: str) -> Any:
+    """`json.loads`, with every way it can refuse text as a ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:  # nesting deeper than Python's recursion limit
+        raise ValueError("nested too deeply") from None
+
+
+def _json_problem(e: ValueError) -> str:
+    """What is wrong, for `invalid JSON (...)` (JSONDecodeError, or an integer too long)."""
+    return e.msg if isinstance(e, json.JSONDecodeError) else str(e).split(";")[0]
+
+
 def _json_records(path: Path) -> Iterator[Raw]:
     """JSONL, or a JSON array in a `.json` file (items named by their 1-based position)."""
     text = _text(path)
+    if path.suffix == ".json" and text.lstrip().startswith("{"):
+        _refuse_json_object(path, text)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            items = _json(text)
+        except ValueError as e:
+            at = e.lineno if isinstance(e, json.JSONDecodeError) else 1
+            raise DataError(f"{path}:{at}: invalid JSON ({_json_problem(e)})") from None
         for i, item in enumerate(items):
             yield f"{path}:{i + 1}", item
         return
@@ -72,14 +89,41 @@ def _json_records(path: Path) -> Iterator[Raw]:
         if not line.strip():
             continue
         try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: invalid JSON ({e.msg})")
+            record = _json(line)
+        except ValueError as e:
+            record = DataError(f"{path}:{lineno}: invalid JSON ({_json_problem(e)})")
+        yield f"{path}:{lineno}", record
+
+
+def _refuse_json_object(path: Path, text: str) -> None:
+    """A `.json` file that is one JSON object over several lines (`{"data": [...]}`, or a
+    pretty-printed record) holds no records in either form we read: say so at line 1."""
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if len(lines) < 2:
+        return  # one line: a JSON Lines file of one record
+    try:
+        whole = _json(text)
+    except ValueError:
+        return  # not one object: the lines are read (and reported) as JSON Lines
+    if isinstance(whole, dict):
+        keys = ", ".join(list(whole)[:5]) or "no keys"
+        raise DataError(
+            f"{path}:1: one JSON object over several lines (keys: {keys}); a .json data "
+            "file holds a JSON array of records, or one record per line (JSON Lines)"
+        )
 
 
 def _csv_records(path: Path) -> Iterator[Raw]:
+    csv.field_size_limit(2**31 - 1)  # long texts: the default (128 KiB a cell) is too small
     reader = csv.DictReader(io.StringIO(_text(path), newline=""))
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not readable as CSV ({e})") from None
         where = f"{path}:{reader.line_num}"
         if None in row:  # more cells than header columns
             yield where, DataError(f"{where}: more values than the header has columns")

@@ -100,7 +100,7 @@ def render(
             f"data.chat_template: the chat template of tokenizer {tokenizer.name_or_path!r} "
             f"does not parse: {e.message} (template line {e.lineno})"
         ) from None
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, ValueError) as e:  # raise_exception(...), or transformers'
         raise DataError(f"{source}: the chat template refuses this conversation: {e}") from None
     return str(text)
 
