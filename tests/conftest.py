@@ -40,3 +40,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many bad-input refusals the battery checked (tests/bad_input.py)."""
+    from tests.bad_input import COUNT
+
+    if COUNT["cases"]:
+        terminalreporter.write_line(f"bad-input battery: {COUNT['cases']} refusals checked")
