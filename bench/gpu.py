@@ -112,7 +112,8 @@ def run_distft(args: argparse.Namespace, root: Path, model: Path, data: Path, na
                seq: int) -> dict[str, Any]:  # fmt: skip
     from bench.suites import distft_config
 
-    out = root / f"distft_{name}"
+    work = root / f"distft_{name}"
+    out = work / "run"
     gpu = not args.tiny
     cfg = distft_config(
         out, model, data,
@@ -127,7 +128,7 @@ def run_distft(args: argparse.Namespace, root: Path, model: Path, data: Path, na
     )  # fmt: skip
     for section, values in CONFIGS[name].items():
         cfg.setdefault(section, {}).update(values)
-    run = h.run_distft(cfg, out)
+    run = h.run_distft(cfg, work)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 1B full: ~18 GB each
     rows = run.train_rows[args.warmup - 1 :]  # the last warm-up step opens the window
     span = rows[-1]["time"] - rows[0]["time"]

@@ -112,7 +112,9 @@ def metric_rows(output_dir: Path, key: str) -> list[Any]:
 
 
 def run_distft(cfg: dict[str, Any], workdir: Path, overrides: list[str] | None = None) -> DistftRun:
-    """`distft train` on `cfg` (its checkpoint.output_dir inside `workdir`)."""
+    """`distft train` on `cfg`; its config and log go to `workdir`, which must not be the
+    run's checkpoint.output_dir (distft refuses an output dir holding foreign files)."""
+    assert Path(cfg["checkpoint"]["output_dir"]) != workdir, "output_dir must not be workdir"
     path = write_config(cfg, workdir)
     launched = time.time()
     log = workdir / f"distft-{int(launched)}.log"

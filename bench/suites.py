@@ -58,12 +58,12 @@ def p1_overhead(s: Setup, steps: int = 100) -> dict[str, Any]:
     model = s.assets.model_dir
     distft_sps, hand_sps, no_ray_sps, runs = [], [], [], []
     for i in range(s.repeats):
-        out = root / f"distft{i}"
+        out = root / f"distft{i}" / "run"
         cfg = distft_config(
             out, model, data, data={"max_seq_len": 128, "batching": "padded", "shuffle": False},
             batch={"max_steps": steps},
         )  # fmt: skip
-        run = h.run_distft(cfg, out)
+        run = h.run_distft(cfg, out.parent)
         runs.append(run)
         distft_sps.append(h.steps_per_s(run.step_times()))
         no_ray = root / f"no_ray{i}"
@@ -87,13 +87,13 @@ def scaling(s: Setup, p1: dict[str, Any], steps: int = 100) -> dict[str, Any]:
     separates the per-step cost of distft's own collectives from everything else."""
     one, hand_one = [], []
     for i in range(max(1, min(2, s.repeats))):
-        out = s.root / "scaling" / f"w1_{i}"
+        out = s.root / "scaling" / f"w1_{i}" / "run"
         cfg = distft_config(
             out, s.assets.model_dir, p1["data"],
             data={"max_seq_len": 128, "batching": "padded", "shuffle": False},
             batch={"max_steps": steps, "grad_accum": 4}, cluster={"num_workers": 1},
         )  # fmt: skip
-        one.append(h.steps_per_s(h.run_distft(cfg, out).step_times()))
+        one.append(h.steps_per_s(h.run_distft(cfg, out.parent).step_times()))
         result = s.root / "scaling" / f"hand_w1_{i}.json"
         args = ["--model", str(s.assets.model_dir), "--data", str(p1["data"]),
                 "--out", str(result), "--steps", str(steps), "--accum", "4"]  # fmt: skip
@@ -140,13 +140,13 @@ def p2_vs_hf(
     for name in hf_strategies:
         res[name] = {"tok_s": [], "eval_loss": [], "tokens_per_step": []}
     for i in range(s.repeats):
-        out = root / f"distft{i}"
+        out = root / f"distft{i}" / "run"
         cfg = distft_config(
             out, s.assets.model_dir, train, data={"max_seq_len": budget},
             batch={"micro_batch_size": 1, "grad_accum": accum, "max_steps": steps},
             checkpoint={"output_dir": str(out), "save_final_model": True},
         )  # fmt: skip
-        run = h.run_distft(cfg, out)
+        run = h.run_distft(cfg, out.parent)
         _record(res["distft"], run.step_times(), run.step_tokens(), out / "final", evalf)
         for name in hf_strategies:
             hf_out = root / f"hf_{name}{i}"
@@ -234,7 +234,7 @@ def p5_startup(s: Setup, p1: dict[str, Any]) -> dict[str, Any]:
     """Launch -> first completed step of the P1 distft runs (embedded Ray, tiny model),
     split by the worker's own "ready" line; the CLI's part (`distft validate`: imports,
     config, data check) and `ray.init` are timed separately with the same config."""
-    cfg_path = p1["runs"][0].out / "bench-config.yaml"
+    cfg_path = p1["runs"][0].log.parent / "bench-config.yaml"
     root = s.root / "p5"
     root.mkdir(parents=True, exist_ok=True)
     validate = h._run([h.DISTFT, "validate", str(cfg_path)], root / "validate.log")

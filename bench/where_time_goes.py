@@ -78,23 +78,24 @@ def main(argv: list[str] | None = None) -> None:
     data = write_jsonl(
         root / "fixed128.jsonl", fixed_samples(args.steps * GLOBAL_BATCH, 128, 512, 0)
     )
-    out = root / "distft"
+    work = root / "distft"
+    out = work / "run"
     cfg = distft_config(
         out, s.assets.model_dir, data, batch={"max_steps": args.steps},
         data={"max_seq_len": 128, "batching": "padded", "shuffle": False},
     )  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    log = out / "train.log"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "bench-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = work / "train.log"
     with log.open("w") as f:
-        proc = subprocess.Popen([h.DISTFT, "train", str(out / "bench-config.yaml")], cwd=h.REPO,
+        proc = subprocess.Popen([h.DISTFT, "train", str(work / "bench-config.yaml")], cwd=h.REPO,
                                 stdout=f, stderr=subprocess.STDOUT, env=h.child_env())  # fmt: skip
 
     def distft_pid(text: str) -> int | None:
         m = re.search(r"RayTrainWorker pid=(\d+)\)\S* \[distft\] step +20/", text)
         return int(m.group(1)) if m else None
 
-    shares = {"distft": breakdown(record(proc, distft_pid, log, args.seconds, out), "train (")}
+    shares = {"distft": breakdown(record(proc, distft_pid, log, args.seconds, work), "train (")}
     hand_log = root / "hand.log"
     cmd = [h.PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={h.free_port()}", "-m", "bench.ds_loop",
