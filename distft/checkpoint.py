@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import time
@@ -32,18 +31,14 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from distft import __version__, diskspace, faults, reshard
+from distft import __version__, diskspace, faults, reshard, safeload
 from distft.config import Config
 from distft.dist import DistContext
-from distft.errors import UserError
+from distft.errors import CheckpointError
 from distft.fingerprint import fingerprint_changes, hash_file
 
 MANIFEST = "manifest.json"
 STATE = "train_state.json"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used (missing, torn, corrupted, incompatible)."""
 
 
 @dataclass
@@ -95,36 +90,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def deepspeed_pickled_classes() -> list[Any]:
-    """What DeepSpeed pickles besides tensors and containers: the ZeRO loss scaler (fp16
-    `loss_scale: 0` writes the dynamic one), the stage enum, fragment addresses. (Imported
-    here: `distft validate` uses this module without DeepSpeed.)"""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def weights_only_checkpoint_engine() -> Any:
-    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`: nothing but
-    tensors, containers and `deepspeed_pickled_classes()` is unpickled."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
-        TorchCheckpointEngine,
-    )
-
-    class WeightsOnly(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            with torch.serialization.safe_globals(deepspeed_pickled_classes()):
-                try:
-                    return torch.load(path, map_location=map_location, weights_only=True)
-                except pickle.UnpicklingError as e:
-                    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise CheckpointError(f"{path}: refused to unpickle ({first})") from None
-
-    return WeightsOnly()
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -332,7 +297,7 @@ class CheckpointCoordinator:
         """Restore engine (module, optimizer, lr scheduler), RNG and train state from
         `ckpt`, which the caller has verified (`find_resume`): only then is it resharded."""
         state = self.read_state(ckpt)
-        engine.checkpoint_engine = weights_only_checkpoint_engine()
+        engine.checkpoint_engine = safeload.checkpoint_engine()
         if state.world_size == self.dist.world_size:
             path, _ = engine.load_checkpoint(
                 str(ckpt.parent),

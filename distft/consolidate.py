@@ -47,8 +47,8 @@ from deepspeed.checkpoint.constants import (
 )
 from deepspeed.utils.zero_to_fp32 import zero3_partitioned_param_info
 
-from distft.checkpoint import deepspeed_pickled_classes
 from distft.errors import UserError
+from distft.safeload import deepspeed_pickled_classes
 
 Key = tuple[str | int, ...]
 

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input (config, data, paths, checkpoints). The message is the whole story."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used (missing, torn, corrupted, incompatible)."""

@@ -9,7 +9,7 @@ call. The data position is carried by the global sample count, so nothing is ski
 repeated (see `distft.data.loader`).
 
 Safety: DeepSpeed's converter and universal loader call `torch.load(weights_only=False)`;
-here they run under `weights_only_loads()` (tensors, containers and the allow-listed
+here they run under `safeload.forced()` (tensors, containers and the allow-listed
 DeepSpeed classes only). The conversion writes `universal_manifest.json` last (each
 file's hash and the source checkpoint's manifest hash); a `.universal/<tag>` folder is
 reused only if it matches, else it is converted again.
@@ -22,12 +22,11 @@ import contextlib
 import io
 import json
 import os
-import pickle
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distft import safeload
 from distft.dist import DistContext
 from distft.fingerprint import hash_file
 
@@ -63,7 +62,7 @@ def _convert(ckpt: Path, target: Path) -> None:
         inject_missing_state=True,  # needed for checkpoints DeepSpeed wrote itself
     )
     try:
-        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():  # its chatter
+        with contextlib.redirect_stdout(io.StringIO()), safeload.forced():  # its chatter
             ds_to_universal(args)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -114,42 +113,13 @@ def check_universal(folder: Path, ckpt: Path) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def weights_only_loads() -> Iterator[None]:
-    """Within: every `torch.load` (DeepSpeed's converter and universal loader pass
-    `weights_only=False`) unpickles only tensors, containers and the allow-listed
-    DeepSpeed classes; anything else is refused in one line (`CheckpointError`). The
-    allow-list is entered per call: torch's `safe_globals` removes its classes on exit,
-    so a nested one (the weights-only checkpoint engine's) would empty an outer one."""
-    import torch
-
-    from distft.checkpoint import CheckpointError, deepspeed_pickled_classes
-
-    original, allowed = torch.load, deepspeed_pickled_classes()
-
-    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return original(f, *args, **kwargs)
-        except pickle.UnpicklingError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{f}: refused to unpickle ({first})") from None
-
-    torch.load = load  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.load = original  # type: ignore[assignment]
-
-
 def load_universal(engine: Any, universal: Path) -> Any:
     """`engine.load_checkpoint` from a universal checkpoint (DeepSpeed reads the switch
     from its config at load time; it is restored right after), weights only."""
     config = engine._config
     config.load_universal_checkpoint = True
     try:
-        with weights_only_loads():
+        with safeload.forced():
             path, _ = engine.load_checkpoint(
                 str(universal.parent),
                 tag=universal.name,

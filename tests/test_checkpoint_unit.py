@@ -268,8 +268,8 @@ def test_fp16_dynamic_loss_scaler_unpickles_and_other_classes_do_not(tmp_path: P
     from deepspeed.checkpoint.constants import LOSS_SCALER
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
-    from distft.checkpoint import weights_only_checkpoint_engine
     from distft.consolidate import ConsolidationError, check_pickles
+    from distft.safeload import checkpoint_engine as weights_only_checkpoint_engine
 
     ok = tmp_path / "ok"
     ok.mkdir()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from distft import reshard
+from distft import reshard, safeload
 from distft.checkpoint import CheckpointError
 from distft.dist import DistContext
 from tests.support import DISTFT, REPO, tiny_config, write_config
@@ -163,10 +163,10 @@ def test_weights_only_loads_survive_a_nested_allow_list(tmp_path: Path) -> None:
     (DeepSpeed loads model states through the engine, then optimizer_state.pt directly)."""
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from distft.checkpoint import weights_only_checkpoint_engine
+    from distft.safeload import checkpoint_engine as weights_only_checkpoint_engine
 
     path = tmp_path / "state.pt"
     torch.save({"stage": ZeroStageEnum.gradients, "t": torch.ones(2)}, path)
-    with reshard.weights_only_loads():
+    with safeload.forced():
         assert weights_only_checkpoint_engine().load(str(path))["stage"] == 2
         assert torch.load(path, weights_only=False)["stage"] == 2  # forced weights-only
