@@ -37,6 +37,7 @@ def _fail(lines: list[str], code: int) -> NoReturn:
 def _load(config: Path, overrides: list[str] | None, *, train: bool) -> config_mod.Config:
     try:
         cfg = config_mod.resolve_paths(config_mod.load(config, overrides or []))
+        _check_model_files(cfg)
         _check_data(cfg)
         return _check_model(cfg, train)
     except UserError as e:
@@ -73,6 +74,14 @@ def _check_resume(cfg: config_mod.Config) -> None:
     from distft.checkpoint import check_before_launch
 
     _refuse_user_error(check_before_launch, cfg)
+
+
+def _check_model_files(cfg: config_mod.Config) -> None:
+    """Local model and tokenizer folders, from their files (config, weight headers,
+    tokenizer files; no weights read): before the data checks, which use the tokenizer."""
+    from distft.model_files import check_local_files
+
+    check_local_files(cfg)
 
 
 def _check_data(cfg: config_mod.Config) -> None:

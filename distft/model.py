@@ -4,8 +4,8 @@
 folder's `config.json` checked first, `model_files`; the architecture built on the meta
 device, no weights read) it resolves `model.attn_implementation: auto` to what the model
 supports, checks `data.max_seq_len` against the model's positions and that every LoRA
-target exists. (A local folder's weight headers and tokenizer files are checked with the
-data, `model_files.check_local_files`, which the CLI runs first.) Workers build the same
+target exists. (A local folder's weight headers and tokenizer files are checked before
+it, by the CLI: `model_files.check_local_files`.) Workers build the same
 LoRA layout with `_with_lora`.
 """
 

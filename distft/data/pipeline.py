@@ -130,9 +130,8 @@ def check_records(cfg: Config) -> None:
 
     The tokenizer is used when it is a local folder or in the Hugging Face cache; otherwise
     (and for hub datasets, whose reading may need a download) that is left to the workers.
-    Sources already tokenized with these settings are skipped. Local model and tokenizer
-    folders are checked first, from their files (`model_files.check_local_files`: config,
-    weight headers, tokenizer files), since the tokenizer is read from them."""
+    Sources already tokenized with these settings are skipped. (The CLI checks local
+    model and tokenizer folders' files before this: `model_files.check_local_files`.)"""
     data = cfg.data
     root = cache_root(data)
     tokenizer = _local_tokenizer(cfg)
@@ -166,11 +165,7 @@ def _sampled(samples: Iterable[Sample]) -> Iterator[Sample]:
 
 
 def _local_tokenizer(cfg: Config) -> Any:
-    """The run's tokenizer if it can be loaded without a download, else None. Local
-    folders' files are checked first (`model_files`: one line naming the file)."""
-    from distft.model_files import check_local_files
-
-    check_local_files(cfg)
+    """The run's tokenizer if it can be loaded without a download, else None."""
     name = cfg.model.tokenizer or cfg.model.name_or_path
     if not Path(name).is_dir():
         from huggingface_hub import try_to_load_from_cache
