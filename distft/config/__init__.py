@@ -4,14 +4,14 @@ Every problem is reported as one line naming the key, the bad value and what is 
 (`ConfigError.problems`); unknown keys are rejected. Nothing here starts a process.
 """
 
+from distft.config.base import ConfigError
+from distft.config.data import DataConfig, SourceConfig
 from distft.config.loading import apply_overrides, from_dict, load, resolve_paths, save_resolved
 from distft.config.sections import (
     BatchConfig,
     CheckpointConfig,
     ClusterConfig,
     Config,
-    ConfigError,
-    DataConfig,
     DeepSpeedConfig,
     EvalConfig,
     LoggingConfig,
@@ -19,7 +19,6 @@ from distft.config.sections import (
     ModelConfig,
     OptimConfig,
     Precision,
-    SourceConfig,
     WandbConfig,
 )
 

@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distft.config.sections import Config, ConfigError
+from distft.config.base import ConfigError
+from distft.config.sections import Config
 
 
 class DuplicateKey(yaml.constructor.ConstructorError):

@@ -3,33 +3,19 @@ that span sections. Unknown keys are rejected."""
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     field_validator,
     model_validator,
 )
 
-from distft.errors import UserError
-
-
-class ConfigError(UserError):
-    """A config that cannot be used; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+from distft.config.base import _Section
+from distft.config.data import DataConfig
 
 
 class Precision(str, Enum):
@@ -74,169 +60,6 @@ class LoraConfig(_Section):
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module, or be 'all-linear'")
         return v
-
-
-DataFormat = Literal["auto", "instruction", "chat", "prompt_completion", "text", "tokenized"]
-# Record field names a config may remap (`fields: {canonical: name in the records}`).
-DATA_FIELDS = (
-    "instruction", "input", "output", "system", "messages", "role", "content",
-    "prompt", "completion", "text", "input_ids", "labels",
-)  # fmt: skip
-
-
-def _check_fields(v: dict[str, str] | None) -> dict[str, str] | None:
-    unknown = sorted(set(v or {}) - set(DATA_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r}; allowed: {', '.join(DATA_FIELDS)}")
-    return v
-
-
-class SourceConfig(_Section):
-    """One dataset: a local file or folder (`path`) or a `datasets` hub name (`hub`)."""
-
-    path: str | None = Field(None, description="Local .json/.jsonl/.parquet/.csv file or folder.")
-    hub: str | None = Field(None, description="Hub dataset name, read with datasets.load_dataset.")
-    subset: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str = Field("train", min_length=1, description="Hub dataset split.")
-    revision: str | None = Field(None, description="Hub dataset revision.")
-    format: DataFormat | None = Field(None, description="null: data.format.")
-    fields: dict[str, str] | None = Field(None, description="null: data.fields.")
-    weight: float = Field(1.0, gt=0, description="Epoch share: weight x records (train only).")
-    max_samples: int | None = Field(None, gt=0, description="null: data.max_samples.")
-
-    _fields = field_validator("fields")(_check_fields)
-
-    @model_validator(mode="after")
-    def _one_location(self) -> SourceConfig:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of 'path' (local) or 'hub' (datasets hub name)")
-        return self
-
-
-class DataConfig(_Section):
-    train_files: list[str] = Field(
-        default_factory=list, description="Local .json/.jsonl/.parquet/.csv files or folders."
-    )
-    eval_files: list[str] = Field(default_factory=list)
-    sources: list[SourceConfig] = Field(default_factory=list, description="More train data.")
-    eval_sources: list[SourceConfig] = Field(default_factory=list)
-    val_fraction: float = Field(0.0, ge=0, lt=1, description="Eval carved from train.")
-    format: DataFormat = "auto"
-    fields: dict[str, str] = Field(default_factory=dict, description="Record field renames.")
-    max_samples: int | None = Field(None, gt=0, description="Records read per source.")
-    chat_template: Literal["tokenizer", "chatml", "llama3"] = "tokenizer"
-    train_on: Literal["assistant", "last_assistant_turn", "all"] = "assistant"
-    max_seq_len: int = Field(1024, gt=8)
-    too_long: Literal["truncate", "drop"] = "truncate"
-    on_bad_record: Literal["error", "skip"] = "error"
-    shuffle: bool = True
-    batching: Literal["auto", "packed", "length_grouped", "padded"] = "auto"
-    cache_dir: str | None = Field(None, description="null: ~/.cache/distft/data.")
-
-    _fields = field_validator("fields")(_check_fields)
-
-    @field_validator("train_files", "eval_files", mode="before")
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @model_validator(mode="after")
-    def _has_train_data(self) -> DataConfig:
-        if not self.train_files and not self.sources:
-            raise ValueError("no training data: set data.train_files or data.sources")
-        if self.val_fraction and (self.eval_files or self.eval_sources):
-            raise ValueError("data.val_fraction: set it or eval_files/eval_sources, not both")
-        return self
-
-    def resolved(self, absolute: Any) -> tuple[DataConfig, list[str]]:
-        """Local paths made absolute by `absolute(str) -> str`; unusable ones (missing,
-        not a file or folder, a folder without data files), a cache_dir that is no
-        folder, and eval data that is also training data, as problems."""
-        data = self.model_copy(deep=True)
-        for key in ("train_files", "eval_files"):
-            setattr(data, key, [absolute(f) for f in getattr(self, key)])
-        for src in data.sources + data.eval_sources:
-            src.path = None if src.path is None else absolute(src.path)
-        problems = [p for key, path in data.local_paths() if (p := _path_problem(key, path))]
-        if self.cache_dir is not None:
-            data.cache_dir = absolute(self.cache_dir)
-            problems += _dir_problem("data.cache_dir", Path(data.cache_dir))
-        return data, problems + data.eval_overlaps()
-
-    def local_paths(self, which: str = "") -> list[tuple[str, str]]:
-        """(key, path) of every local data path; `which`: "train", "eval" or both."""
-        out = []
-        for split, files, sources in (
-            ("train", "train_files", "sources"),
-            ("eval", "eval_files", "eval_sources"),
-        ):
-            if which in ("", split):
-                out += [(f"data.{files}", f) for f in getattr(self, files)]
-                out += [
-                    (f"data.{sources}.{i}.path", s.path)
-                    for i, s in enumerate(getattr(self, sources))
-                    if s.path is not None
-                ]
-        return out
-
-    def eval_overlaps(self) -> list[str]:
-        """Eval data that is (or lies inside, or contains) training data: evaluating on
-        what the model trains on hides overfitting."""
-        train = [(key, Path(p).resolve()) for key, p in self.local_paths("train")]
-        train_hubs = {(s.hub, s.subset, s.split, s.revision): i for i, s in enumerate(self.sources)}
-        problems = []
-        for key, path in self.local_paths("eval"):
-            real = Path(path).resolve()
-            hit = next(
-                (k for k, t in train if real == t or t in real.parents or real in t.parents), None
-            )
-            if hit is not None:
-                problems.append(f"{key}: {path} is also training data ({hit}); {_OVERLAP}")
-        for i, s in enumerate(self.eval_sources):
-            j = train_hubs.get((s.hub, s.subset, s.split, s.revision))
-            if s.hub is not None and j is not None:
-                problems.append(
-                    f"data.eval_sources.{i}.hub: {s.hub} (split {s.split}) is also training "
-                    f"data (data.sources.{j}); {_OVERLAP}"
-                )
-        return problems
-
-
-_OVERLAP = "evaluating on the training data hides overfitting (data.val_fraction holds some out)"
-
-
-def _path_problem(key: str, path: str) -> str | None:
-    """Why a local data path cannot be read, or None."""
-    p = Path(path)
-    if p.is_symlink() and not p.exists():
-        return f"{key}: dangling symlink: {path}"
-    if not p.exists():
-        return f"{key}: file not found: {path}"
-    if p.is_dir():
-        from distft.data.records import DataError, data_files
-
-        try:
-            data_files(p)
-        except DataError as e:
-            return f"{key}: {e}"
-        return None
-    if not p.is_file():
-        return f"{key}: not a regular file or folder: {path}"
-    if not os.access(p, os.R_OK):
-        return f"{key}: not readable: {path}"
-    return None
-
-
-def _dir_problem(key: str, path: Path) -> list[str]:
-    """A folder distft will create or write into: anything but a folder in its place (or
-    in place of a parent) is a problem."""
-    for p in (path, *path.parents):
-        if p.exists() or p.is_symlink():
-            if p.is_dir():
-                return []
-            where = "" if p == path else f"cannot be created: {p} "
-            return [f"{key}: {path} {where}is not a folder"]
-    return []
 
 
 class OptimConfig(_Section):
