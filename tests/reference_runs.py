@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support import run_cli, tiny_config, write_config
+from tests.support import run_cli_concurrently, tiny_config, write_config
 
 ZERO3_SHARD_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 LORA_R = 16
@@ -45,11 +45,14 @@ class TrainedRun:
 
 
 def train_all(tiny: Any, root: Path) -> dict[str, TrainedRun]:
-    runs = {}
+    configs = {}
     for name, sections in RUNS.items():
         out = root / name / "run"
         cfg = tiny_config(tiny, out, **sections)
-        proc = run_cli("train", str(write_config(out.parent / "config.yaml", cfg)))
+        configs[name] = (cfg, out, write_config(out.parent / "config.yaml", cfg))
+    procs = run_cli_concurrently(*(("train", str(path)) for _, _, path in configs.values()))
+    runs = {}
+    for (name, (cfg, out, _)), proc in zip(configs.items(), procs, strict=True):
         assert proc.returncode == 0, f"{name}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
         runs[name] = TrainedRun(name, cfg, out, proc)
     return runs

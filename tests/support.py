@@ -22,6 +22,20 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
     )
 
 
+def run_cli_concurrently(
+    *commands: tuple[str, ...], parallel: int = 2
+) -> list[subprocess.CompletedProcess]:
+    """`run_cli(*command)` for each command, `parallel` at a time (each `distft train` with
+    its own embedded Ray), in the order given. A launch's start-up is a chain of single
+    processes (driver, Ray, controller, workers) that leaves a core idle most of the time;
+    two launches at once use a 2-core machine. Only for independent runs compared by
+    their results, never by their timing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(lambda args: run_cli(*args), commands))
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from distft.tolerance import Kind, assert_close
-from tests.support import read_metrics, run_cli, tiny_config, write_config
+from tests.support import read_metrics, run_cli_concurrently, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ LR = 3e-3
 
 @pytest.fixture(scope="module")
 def finals(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = {}
+    out, configs = {}, []
     for name, (micro, accum, workers) in SPLITS.items():
         run = tmp_path_factory.mktemp(name) / "run"
         cfg = tiny_config(
@@ -45,9 +45,10 @@ def finals(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
             optim={"lr": LR, "warmup_steps": 1, "weight_decay": 0.01, "max_grad_norm": 1.0},
         )
         cfg["logging"]["wandb"]["mode"] = "disabled"
-        proc = run_cli("train", str(write_config(run.parent / "config.yaml", cfg)))
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        configs.append(("train", str(write_config(run.parent / "config.yaml", cfg))))
         out[name] = run
+    for proc in run_cli_concurrently(*configs):
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return out
 
 

@@ -108,6 +108,7 @@ class ClusterConfig(_Section):
     gpus_per_worker: float = Field(0, ge=0)
     placement: Literal["pack", "spread"] = "pack"
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 = unlimited.")
+    dashboard: bool = Field(False, description="Embedded Ray: start the Ray dashboard.")
     dashboard_host: str = Field("127.0.0.1", description="Embedded Ray only.")
     resource_timeout_s: float = Field(
         300,

@@ -26,6 +26,9 @@ class TrainingFailed(Exception):
         self.user_error = user_error
 
 
+_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
 def _worker_env() -> dict[str, str]:
     """Env vars the workers need from the driver (never secrets)."""
     keep = (
@@ -38,6 +41,9 @@ def _worker_env() -> dict[str, str]:
     )
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray Train's controller polls its workers every 2 s by default: each start and the
+    # end of every run wait for a poll. Polls are one small remote call per worker.
+    env[_POLL_ENV] = os.environ.get(_POLL_ENV, "0.5")
     return env
 
 
@@ -59,7 +65,7 @@ def init_ray(cfg: Config) -> None:
         # cluster a `ray start` on this machine last recorded in /tmp/ray.
         ray.init(
             address="local",
-            include_dashboard=True,
+            include_dashboard=cfg.cluster.dashboard,
             dashboard_host=cfg.cluster.dashboard_host,
             runtime_env=runtime_env,
             log_to_driver=True,
@@ -193,14 +199,12 @@ def _fit(cfg: Config, launch_id: str) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.config import FailureConfig
 
-    from distft.worker import run_worker
-
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = c.gpus_per_worker
     trainer = TorchTrainer(
-        run_worker,
+        _run_worker,
         train_loop_config={"config": cfg, "launch_id": launch_id},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -223,6 +227,14 @@ def _fit(cfg: Config, launch_id: str) -> None:
         raise _controller_failed(cfg, e) from None
     except ray.train.TrainingFailedError as e:
         raise _explain(e) from None
+
+
+def _run_worker(train_loop_config: dict[str, Any]) -> None:
+    """The workers' entry, by reference: the driver never imports the training stack
+    (DeepSpeed, datasets, ...) that only the workers run."""
+    from distft.worker import run_worker
+
+    run_worker(train_loop_config)
 
 
 def _startup_retries(cfg: Config) -> int:
