@@ -1,4 +1,5 @@
-"""Test support: run the real `distft` CLI, write configs, read W&B offline records."""
+"""Test support: run the real `distft` CLI, write configs, read back W&B offline records,
+MLflow runs and TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -119,3 +120,37 @@ def wandb_history(output_dir: Path) -> list[tuple[int, dict[str, Any]]]:
             }
             rows.append((int(items.get("_step", rec.history.step.num)), items))
     return rows
+
+
+# --- MLflow and TensorBoard, read back with their own readers ------------------------
+
+
+def mlflow_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every logged (step, value) of every metric of an MLflow run, repeats kept."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    keys = client.get_run(run_id).data.metrics
+    return {
+        k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys
+    }
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar event in `log_dir` in write order, repeats kept: purge_orphaned_data is
+    off, or EventAccumulator itself would drop a step written twice."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0}, purge_orphaned_data=False)
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}
+
+
+def jsonl_history(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl rows as {key: [(step, value)]}, the shape of the two above."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("step", "time"):
+                out.setdefault(key, []).append((row["step"], value))
+    return out

@@ -114,7 +114,8 @@ def test_sigterm_commits_requeues_and_resumes_exactly(
         time.sleep(0.05)
     signalled = slurm.run(["scancel", "--batch", "--signal=TERM", str(job_id)])
     assert signalled.returncode == 0, signalled.stderr
-    # Slurm holds a requeued job (Reason=BeginTime, about 2 min) and the test waits it out:
+    # Slurm holds a requeued job (Reason=BeginTime) for AuthInfo cred_expire (30 s in
+    # tests/slurm_fixture.py, 120 s by default) and the test waits it out:
     # releasing it early (`scontrol update StartTime=now`) raced with slurmd's cleanup of
     # the first run ("Job N already killed, do not launch batch job") and failed the job.
     held = slurm.wait(job_id, {"PENDING", *ENDED}, timeout=300)

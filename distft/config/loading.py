@@ -183,7 +183,12 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     if problems:
         raise ConfigError(problems)
     ckpt = cfg.checkpoint.model_copy(update={"output_dir": absolute(cfg.checkpoint.output_dir)})
-    return cfg.model_copy(update={"data": data, "model": model, "checkpoint": ckpt}, deep=True)
+    logging = cfg.logging.model_copy(deep=True)
+    if logging.tensorboard.log_dir is not None:
+        logging.tensorboard.log_dir = absolute(logging.tensorboard.log_dir)
+    return cfg.model_copy(
+        update={"data": data, "model": model, "checkpoint": ckpt, "logging": logging}, deep=True
+    )
 
 
 def _looks_local(name: str) -> bool:

@@ -3,9 +3,11 @@ that span sections. Unknown keys are rejected."""
 
 from __future__ import annotations
 
+import importlib.util
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -151,6 +153,65 @@ class WandbConfig(_Section):
     api_key: SecretStr | None = Field(None, description="Prefer env WANDB_API_KEY.")
 
 
+class MlflowConfig(_Section):
+    enabled: bool = False
+    tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="null: a SQLite store in <output_dir>/mlruns; or http(s)://, sqlite:///, "
+        "databricks ... (user:password@ in it is taken out and never logged or written).",
+    )
+    experiment: str = Field("distft", min_length=1)
+    run_name: str | None = Field(None, description="null: the output directory's name.")
+    token: SecretStr | None = Field(None, description="Prefer env MLFLOW_TRACKING_TOKEN.")
+
+    def split_uri(self) -> tuple[str | None, str | None, str | None]:
+        """(the tracking URI without `user:password@`, user, password): MLflow gets the
+        credentials from its environment variables, so its messages never show them."""
+        uri, userinfo = self.tracking_uri, self._userinfo()
+        if uri is None or userinfo is None:
+            return uri, None, None
+        user, _, password = userinfo.partition(":")
+        return uri.replace(f"{userinfo}@", "", 1), user or None, password or None
+
+    def redacted_uri(self) -> str | None:
+        """The tracking URI as config.yaml and the logs may show it: `***@` for credentials."""
+        uri, userinfo = self.tracking_uri, self._userinfo()
+        return uri if uri is None or userinfo is None else uri.replace(f"{userinfo}@", "***@", 1)
+
+    def _userinfo(self) -> str | None:
+        netloc = urlsplit(self.tracking_uri or "").netloc
+        return netloc.rpartition("@")[0] if "@" in netloc else None
+
+    def missing_package(self) -> str | None:
+        if not self.enabled:
+            return None
+        uri = self.tracking_uri or "sqlite:"
+        db = not uri.startswith(("http:", "https:", "databricks", "file:", "/"))
+        needed = ["mlflow", "sqlalchemy", "alembic"] if db else ["mlflow"]
+        if all(importlib.util.find_spec(m) is not None for m in needed):
+            return None
+        return (
+            "logging.mlflow.enabled: needs the mlflow package "
+            "(pip install 'distft[mlflow]', or pip install mlflow-skinny sqlalchemy alembic)"
+        )
+
+
+class TensorboardConfig(_Section):
+    enabled: bool = False
+    log_dir: str | None = Field(
+        None, min_length=1, description="null: <output_dir>/tensorboard; this run's own folder."
+    )
+
+    def missing_package(self) -> str | None:
+        if not self.enabled or importlib.util.find_spec("tensorboard") is not None:
+            return None
+        return (
+            "logging.tensorboard.enabled: needs the tensorboard package "
+            "(pip install 'distft[tensorboard]', or pip install tensorboard)"
+        )
+
+
 class WatchdogConfig(_Section):
     """Hang detection: a stuck step dumps every rank's stack and restarts the workers."""
 
@@ -170,6 +231,8 @@ class LoggingConfig(_Section):
         None, gt=0, description="Peak dense TFLOP/s per worker for MFU; null: known GPUs only."
     )
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    tensorboard: TensorboardConfig = Field(default_factory=TensorboardConfig)
 
 
 class Config(_Section):
@@ -200,6 +263,9 @@ class Config(_Section):
                 "deepspeed.precision: 'fp16' is not supported on CPU workers "
                 "(cluster.gpus_per_worker is 0); use 'bf16' or 'fp32'"
             )
+        for tracker in (self.logging.mlflow, self.logging.tensorboard):
+            if missing := tracker.missing_package():
+                problems.append(missing)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -213,4 +279,8 @@ class Config(_Section):
         data = self.model_dump(mode="json")
         if self.logging.wandb.api_key is not None:
             data["logging"]["wandb"]["api_key"] = "***"
+        mlflow = data["logging"]["mlflow"]
+        if self.logging.mlflow.token is not None:
+            mlflow["token"] = "***"
+        mlflow["tracking_uri"] = self.logging.mlflow.redacted_uri()
         return data
