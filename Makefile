@@ -1,5 +1,6 @@
 # distft developer commands. `make demo` and `make test` work on a fresh machine:
 # they create .venv (CPU torch pinned when no NVIDIA GPU is present) if it is missing.
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DISTFT := $(VENV)/bin/distft
@@ -19,10 +20,19 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	fi
 	touch $@
 
+# The tiny base is pre-trained once (.cache/tiny_pretrain; a rerun finds it finished and
+# skips it), then fine-tuned twice: full and LoRA, each with a `task` and a `general` eval
+# set (before -> after: what the fine-tune learned, and what it forgot).
 demo: venv
 	$(DISTFT) make-tiny .cache/tiny
-	rm -rf runs/tiny_demo
-	$(DISTFT) train examples/tiny_demo.yaml
+	$(DISTFT) train examples/tiny_pretrain.yaml
+	rm -rf runs/tiny_demo runs/tiny_demo_lora
+	mkdir -p runs
+	set -o pipefail; $(DISTFT) train examples/tiny_demo.yaml | tee runs/tiny_demo.txt
+	set -o pipefail; $(DISTFT) train examples/tiny_demo_lora.yaml | tee runs/tiny_demo_lora.txt
+	@echo "== fine-tuning the pre-trained tiny model: eval loss before -> after =="
+	@echo "full: $$(grep ^done runs/tiny_demo.txt)"
+	@echo "LoRA: $$(grep ^done runs/tiny_demo_lora.txt)"
 
 test: venv cluster-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -46,4 +56,4 @@ lint: venv
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf runs .cache/tiny
+	rm -rf runs .cache/tiny .cache/tiny_pretrain

@@ -1,5 +1,6 @@
-"""Tiny offline assets for the demo and the tests: a random-init Llama, a BPE tokenizer and a
-synthetic instruction dataset on which its eval loss drops clearly within ~100 optimizer steps.
+"""Tiny offline assets for the demo and the tests: a random-init Llama, a BPE tokenizer, a
+synthetic instruction dataset on which its eval loss drops clearly within ~100 optimizer steps,
+and general text (simple grammatical sentences) that the demo pre-trains the tiny model on.
 
 Everything is built locally (no hub access), deterministically from one seed, into a temp
 directory that is renamed onto ``root`` only once complete; ``root/READY`` is written last.
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-ASSETS_VERSION = "distft-tiny-assets-v1"
+ASSETS_VERSION = "distft-tiny-assets-v2"
 VOCAB_SIZE = 512
 SYSTEM_PROMPT = "You are a helpful assistant."
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
@@ -41,6 +42,13 @@ _WORDS = (  # noqa: SIM905 (a word list reads better as text)
     "fox owl frog goat lion mouse seed corn salt gold iron glass paper chair table "
     "green blue red black white small big fast slow warm cold soft loud"
 ).split()
+_ANIMALS = "cat dog bird fish wolf bear fox owl frog goat lion mouse".split()  # noqa: SIM905
+_THINGS = (  # noqa: SIM905
+    "tree river stone book lamp door cup milk bread apple pear plum rose boat ship seed".split()  # noqa: SIM905
+)
+_ADJECTIVES = "green blue red black white small big fast slow warm cold soft loud".split()  # noqa: SIM905
+_VERBS = "sees finds likes takes wants hears".split()  # noqa: SIM905
+_PLACES = "hill road river cloud table chair".split()  # noqa: SIM905
 _SYLLABLES = "ba ko ri te mu sa lo ne vi da pe zu go hi ra to mi ku se ya".split()  # noqa: SIM905
 
 
@@ -52,6 +60,8 @@ class TinyAssets:
     eval_file: Path  # held-out instruction-format JSONL
     chat_train_file: Path  # the same records as chat (`messages`) JSONL
     chat_eval_file: Path
+    general_train_file: Path  # general text (`text` format JSONL): the demo's pre-training
+    general_eval_file: Path
 
 
 def _layout(root: Path) -> TinyAssets:
@@ -63,6 +73,8 @@ def _layout(root: Path) -> TinyAssets:
         eval_file=data / "eval.jsonl",
         chat_train_file=data / "chat_train.jsonl",
         chat_eval_file=data / "chat_eval.jsonl",
+        general_train_file=data / "general_train.jsonl",
+        general_eval_file=data / "general_eval.jsonl",
     )
 
 
@@ -119,6 +131,8 @@ def _build_into(layout: TinyAssets, *, n_train: int, n_eval: int, seed: int) -> 
     _write_jsonl(layout.eval_file, eval_)
     _write_jsonl(layout.chat_train_file, _to_chat(train, random.Random(seed + 1)))
     _write_jsonl(layout.chat_eval_file, _to_chat(eval_, random.Random(seed + 2)))
+    _write_jsonl(layout.general_train_file, general_text(n_train, random.Random(seed + 5)))
+    _write_jsonl(layout.general_eval_file, general_text(n_eval, random.Random(seed + 6)))
 
     # The tokenizer corpus has a fixed size, so the vocabulary does not depend on n_train.
     corpus_rng = random.Random(seed + 3)
@@ -225,6 +239,29 @@ def _corpus_text(records: list[Record], rng: random.Random) -> Iterator[str]:
     for chat in _to_chat(records, rng):
         for message in chat["messages"]:
             yield message["content"]
+
+
+# ---------------------------------------------------------------- general text
+
+
+def _noun_phrase(rng: random.Random, nouns: list[str]) -> str:
+    words = ([rng.choice(_ADJECTIVES)] if rng.random() < 0.5 else []) + [rng.choice(nouns)]
+    article = rng.choice(("the", "an" if words[0][0] in "aeiou" else "a"))
+    return " ".join([article, *words])
+
+
+def _sentence(rng: random.Random) -> str:
+    """`<animal phrase> <verb> <thing phrase>[ on the <place>].`, capitalised: a small
+    grammar (animals act, things are acted on) a 2-layer model learns in a few hundred steps."""
+    words = f"{_noun_phrase(rng, _ANIMALS)} {rng.choice(_VERBS)} {_noun_phrase(rng, _THINGS)}"
+    if rng.random() < 0.3:
+        words += f" on the {rng.choice(_PLACES)}"
+    return words[0].upper() + words[1:] + "."
+
+
+def general_text(n: int, rng: random.Random) -> list[Record]:
+    """`n` short paragraphs (2 to 4 sentences) as `text` records."""
+    return [{"text": " ".join(_sentence(rng) for _ in range(rng.randint(2, 4)))} for _ in range(n)]
 
 
 # ---------------------------------------------------------------- tokenizer and model

@@ -139,14 +139,17 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
 def _summary(cfg: config_mod.Config, wall: float) -> str:
     """One line from the run's metrics file (on shared storage for multi-node runs)."""
     from distft.metrics import read_jsonl
+    from distft.report import eval_keys
 
     rows = read_jsonl(cfg.output_dir / "metrics.jsonl")
-    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     parts = [f"done in {wall:.0f}s"]
-    if len(evals) >= 2:
-        parts.append(f"eval loss {evals[0]:.4f} -> {evals[-1]:.4f}")
-    elif evals:
-        parts.append(f"eval loss {evals[-1]:.4f}")
+    for key in eval_keys(rows):
+        evals = [r[key] for r in rows if key in r]
+        name = key.removesuffix("/loss").replace("/", " ")  # eval, eval task
+        if len(evals) >= 2:
+            parts.append(f"{name} loss {evals[0]:.4f} -> {evals[-1]:.4f}")
+        else:
+            parts.append(f"{name} loss {evals[-1]:.4f}")
     parts.append(f"output: {cfg.output_dir}")
     return "; ".join(parts)
 

@@ -39,7 +39,7 @@ def fingerprint(cfg: Config) -> dict[str, str]:
     checkpoint cadence, the cache location and `batch.stop_after_steps` are left out on
     purpose: the batch enters as the data layer's step layout, which is equal for every
     split of the same global step into micro-batches x accumulation x workers."""
-    from distft.data.cache import source_specs
+    from distft.data.cache import all_specs
     from distft.data.loader import step_layout
     from distft.data.records import data_files
 
@@ -64,10 +64,7 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         "data_config": h(data),
     }
     local = [
-        Path(s.path)
-        for which in ("train", "eval")
-        for s in source_specs(cfg.data, which)
-        if s.path is not None and Path(s.path).exists()
+        Path(s.path) for s in all_specs(cfg.data) if s.path is not None and Path(s.path).exists()
     ]
     out["data_files"] = hash_files([f for p in local for f in data_files(p)])
     tok_dir = Path(cfg.model.tokenizer or cfg.model.name_or_path)

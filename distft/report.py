@@ -43,6 +43,21 @@ PLOTS = (
 )  # fmt: skip
 
 
+def eval_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The eval-set losses logged: `eval/loss`, then `eval/<name>/loss` in logged order."""
+    keys = dict.fromkeys(
+        k for r in rows for k in r if k.startswith("eval/") and k.endswith("/loss")
+    )
+    return sorted(keys, key=lambda k: k != "eval/loss")
+
+
+def plots(rows: list[dict[str, Any]]) -> tuple[Plot, ...]:
+    """PLOTS with the loss plot showing every eval set the run logged."""
+    loss, *rest = PLOTS
+    named = tuple((k, k.removeprefix("eval/").removesuffix("/loss")) for k in eval_keys(rows))
+    return (Plot(loss.file, loss.title, loss.ylabel, loss.series[:1] + named), *rest)
+
+
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one metric; a step logged twice (a resumed run) keeps its last
     value; non-finite values are dropped."""
@@ -118,7 +133,7 @@ def write_report(run_dir: Path) -> Path:
         raise UserError(f"{metrics}: not JSON lines ({e})") from None
     plots_dir = run_dir / REPORT_DIR
     plots_dir.mkdir(exist_ok=True)
-    rendered = [p for p in PLOTS if render_plot(p, rows, plots_dir / p.file)]
+    rendered = [p for p in plots(rows) if render_plot(p, rows, plots_dir / p.file)]
     page = run_dir / PAGE
     tmp = page.with_name(f".{PAGE}.tmp")
     tmp.write_text(_html(run_dir, rows, rendered, config), encoding="utf-8")
@@ -159,12 +174,11 @@ def _html(run_dir: Path, rows: list[dict[str, Any]], plots: list[Plot], config: 
 
 def _summary_table(rows: list[dict[str, Any]]) -> str:
     train_steps, train_loss = series(rows, "train/loss")
-    _, evals = series(rows, "eval/loss")
     _, tps = series(rows, "train/tokens_per_s")
     items = [
         ("optimizer steps logged", f"{train_steps[-1]}" if train_steps else "-"),
         ("train loss (first → last)", _arrow(train_loss)),
-        ("eval loss (first → last)", _arrow(evals)),
+        *((f"{k} (first → last)", _arrow(series(rows, k)[1])) for k in eval_keys(rows)),
         ("median tokens/s", f"{sorted(tps)[len(tps) // 2]:,.0f}" if tps else "-"),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in items)

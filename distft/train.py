@@ -49,12 +49,17 @@ def evaluate(engine: Any, batches: list[Batch], dist: DistContext) -> float:
     return total / max(count, 1.0)
 
 
+def evaluate_all(engine: Any, sets: dict[str, list[Batch]], dist: DistContext) -> dict[str, float]:
+    """Each eval set's loss by its metric key (`eval/loss`, `eval/<name>/loss`), in order."""
+    return {key: evaluate(engine, batches, dist) for key, batches in sets.items()}
+
+
 def train(
     cfg: Config,
     dist: DistContext,
     engine: Any,
     data: TrainBatches,
-    eval_data: list[Batch],
+    eval_data: dict[str, list[Batch]],
     logger: MetricsLogger,
     start_step: int,
     stop_requested: Callable[[], bool],
@@ -107,7 +112,7 @@ def train(
         }
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
             with watchdog.phase("eval", step):
-                metrics["eval/loss"] = evaluate(engine, eval_data, dist)
+                metrics.update(evaluate_all(engine, eval_data, dist))
         if step % cfg.logging.every_n_steps == 0 or step == data.total_steps:
             logger.log(metrics, step)
         progress(step, metrics)
@@ -153,7 +158,9 @@ def _progress(dist: DistContext, total: int, every: int) -> Callable[[int, dict]
         elapsed = time.perf_counter() - t0
         done = step / total
         eta = elapsed / max(done, 1e-9) * (1 - done) if step else 0.0
-        extra = f" eval {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else ""
+        extra = "".join(
+            f" {_short(k)} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/")
+        )
         dist.log(
             f"step {step:>{width}}/{total} {100 * done:3.0f}% "
             f"loss {metrics['train/loss']:.4f}{extra} lr {metrics['train/lr']:.2e} "
@@ -161,3 +168,8 @@ def _progress(dist: DistContext, total: int, every: int) -> Callable[[int, dict]
         )
 
     return update
+
+
+def _short(key: str) -> str:
+    """`eval/loss` -> `eval`, `eval/task/loss` -> `eval/task` (the progress line)."""
+    return key.removesuffix("/loss")

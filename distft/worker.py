@@ -21,7 +21,7 @@ from distft.fingerprint import fingerprint
 from distft.launch.preflight import preflight
 from distft.metrics import make_logger
 from distft.model import build_model, count_params, load_tokenizer
-from distft.train import evaluate, train
+from distft.train import evaluate_all, train
 
 
 def seed_everything(seed: int) -> None:
@@ -48,11 +48,11 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     data_stats, data_lines = describe(data, batches)
     for line in data_lines:
         dist.log(line)
-    evals = (
-        eval_batches(data.eval, cfg.eval.micro_batch_size, dist, tokenizer.pad_token_id)
-        if data.eval is not None
-        else []
-    )
+    evals = {  # by metric key; the first is the one keep_best ranks by
+        key: eval_batches(split, cfg.eval.micro_batch_size, dist, tokenizer.pad_token_id)
+        for key, split in data.eval_sets().items()
+    }
+    best_key = next(iter(evals), None)
     laps.append(("data", time.perf_counter()))
 
     model = build_model(cfg, ds_config)
@@ -85,8 +85,8 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         `preempted` is the loop's all-reduced vote)."""
         state.step, state.epoch = step, batches.epoch_of(step)
         state.samples_seen = batches.samples_seen(step)
-        if "eval/loss" in metrics:  # measured at this step: a keep_best candidate
-            state.record_eval(metrics["eval/loss"])
+        if best_key in metrics:  # measured at this step: a keep_best candidate
+            state.record_eval(metrics[best_key])
         if preempted:
             stopped_by.append("preemption")
         elif step == cfg.batch.stop_after_steps and step < batches.total_steps:
@@ -107,7 +107,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     with watchdog.watching(cfg.watchdog, cfg.output_dir, dist.rank, dist.world_size):
         if evals and state.step == 0:
             with watchdog.phase("eval", 0):
-                logger.log({"eval/loss": evaluate(engine, evals, dist)}, 0)
+                logger.log(evaluate_all(engine, evals, dist), 0)
         train(cfg, dist, engine, batches, evals, logger, state.step, stop_requested, on_step_end)
         if stopped_by:
             dist.log(f"stopped at step {state.step} ({stopped_by[0]}); checkpoint committed")
@@ -115,9 +115,9 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             return
         if evals:
             with watchdog.phase("eval", state.step):
-                final_eval = evaluate(engine, evals, dist)
-            state.record_eval(final_eval)
-            logger.log({"eval/loss": final_eval}, state.step)
+                final_evals = evaluate_all(engine, evals, dist)
+            state.record_eval(next(iter(final_evals.values())))  # best_key's
+            logger.log(final_evals, state.step)
         state.finished_at_step = state.step  # the schedule is complete: a rerun has nothing to do
         with watchdog.phase("save", state.step):
             ckpts.save(engine, state)

@@ -4,6 +4,7 @@ checks on local data paths (missing, unreadable, eval data that is also training
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,27 @@ class SourceConfig(_Section):
         return self
 
 
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class EvalSetConfig(_Section):
+    """A named eval set: its loss is logged as `eval/<name>/loss`."""
+
+    files: list[str] = Field(default_factory=list, description="Local files or folders.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="As data.sources.")
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _has_data(self) -> EvalSetConfig:
+        if not self.files and not self.sources:
+            raise ValueError("an eval set needs 'files' or 'sources'")
+        return self
+
+
 class DataConfig(_Section):
     train_files: list[str] = Field(
         default_factory=list, description="Local .json/.jsonl/.parquet/.csv files or folders."
@@ -56,6 +78,9 @@ class DataConfig(_Section):
     sources: list[SourceConfig] = Field(default_factory=list, description="More train data.")
     eval_sources: list[SourceConfig] = Field(default_factory=list)
     val_fraction: float = Field(0.0, ge=0, lt=1, description="Eval carved from train.")
+    eval_sets: dict[str, EvalSetConfig] = Field(
+        default_factory=dict, description="Named eval sets: {name: {files, sources}}."
+    )
     format: DataFormat = "auto"
     fields: dict[str, str] = Field(default_factory=dict, description="Record field renames.")
     max_samples: int | None = Field(None, gt=0, description="Records read per source.")
@@ -75,6 +100,14 @@ class DataConfig(_Section):
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("eval_sets")
+    @classmethod
+    def _set_names(cls, v: dict[str, EvalSetConfig]) -> dict[str, EvalSetConfig]:
+        bad = [n for n in v if not EVAL_SET_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"eval set name {bad[0]!r}: use letters, digits, '_', '.', '-'")
+        return v
+
     @model_validator(mode="after")
     def _has_train_data(self) -> DataConfig:
         if not self.train_files and not self.sources:
@@ -90,7 +123,10 @@ class DataConfig(_Section):
         data = self.model_copy(deep=True)
         for key in ("train_files", "eval_files"):
             setattr(data, key, [absolute(f) for f in getattr(self, key)])
-        for src in data.sources + data.eval_sources:
+        for es in data.eval_sets.values():
+            es.files = [absolute(f) for f in es.files]
+        eval_set_sources = [s for es in data.eval_sets.values() for s in es.sources]
+        for src in data.sources + data.eval_sources + eval_set_sources:
             src.path = None if src.path is None else absolute(src.path)
         problems = [p for key, path in data.local_paths() if (p := _path_problem(key, path))]
         if self.cache_dir is not None:
@@ -98,21 +134,26 @@ class DataConfig(_Section):
             problems += _dir_problem("data.cache_dir", Path(data.cache_dir))
         return data, problems + data.eval_overlaps()
 
+    def eval_set_keys(self) -> list[tuple[str, str, list[str], list[SourceConfig]]]:
+        """(metric key, config key prefix, files, sources) of every eval set: the unnamed one
+        (`eval/loss`; eval_files/eval_sources) if given, then the named ones in config order."""
+        out = [("eval/loss", "data.eval_", self.eval_files, self.eval_sources)]
+        out = out if self.eval_files or self.eval_sources else []
+        out += [(f"eval/{n}/loss", f"data.eval_sets.{n}.", s.files, s.sources)
+                for n, s in self.eval_sets.items()]  # fmt: skip
+        return out
+
     def local_paths(self, which: str = "") -> list[tuple[str, str]]:
         """(key, path) of every local data path; `which`: "train", "eval" or both."""
+        sets = [("data.train_", self.train_files, self.sources)] if which != "eval" else []
+        if which != "train":
+            sets += [(prefix, f, s) for _, prefix, f, s in self.eval_set_keys()]
         out = []
-        for split, files, sources in (
-            ("train", "train_files", "sources"),
-            ("eval", "eval_files", "eval_sources"),
-        ):
-            if which in ("", split):
-                out += [(f"data.{files}", f) for f in getattr(self, files)]
-                out += [
-                    (f"data.{sources}.{i}.path", s.path)
-                    for i, s in enumerate(getattr(self, sources))
-                    if s.path is not None
-                ]
-        return out
+        for prefix, files, sources in sets:
+            out += [(f"{prefix}files", f) for f in files]
+            out += [(f"{prefix}sources.{i}.path", s.path)
+                    for i, s in enumerate(sources) if s.path is not None]  # fmt: skip
+        return [(k.replace("data.train_sources", "data.sources"), p) for k, p in out]
 
     def eval_overlaps(self) -> list[str]:
         """Eval data that is (or lies inside, or contains) training data: evaluating on
@@ -127,13 +168,14 @@ class DataConfig(_Section):
             )
             if hit is not None:
                 problems.append(f"{key}: {path} is also training data ({hit}); {_OVERLAP}")
-        for i, s in enumerate(self.eval_sources):
-            j = train_hubs.get((s.hub, s.subset, s.split, s.revision))
-            if s.hub is not None and j is not None:
-                problems.append(
-                    f"data.eval_sources.{i}.hub: {s.hub} (split {s.split}) is also training "
-                    f"data (data.sources.{j}); {_OVERLAP}"
-                )
+        for _, prefix, _, sources in self.eval_set_keys():
+            for i, s in enumerate(sources):
+                j = train_hubs.get((s.hub, s.subset, s.split, s.revision))
+                if s.hub is not None and j is not None:
+                    problems.append(
+                        f"{prefix}sources.{i}.hub: {s.hub} (split {s.split}) is also training "
+                        f"data (data.sources.{j}); {_OVERLAP}"
+                    )
         return problems
 
 

@@ -82,6 +82,21 @@ def source_specs(data: DataConfig, which: str) -> list[SourceSpec]:
     return [_spec(s, data) for s in [*listed, *sources]]
 
 
+def eval_set_specs(data: DataConfig) -> dict[str, list[SourceSpec]]:
+    """The named eval sets' sources (`data.eval_sets`), by set name, in config order."""
+    return {
+        name: [_spec(SourceConfig.model_validate({"path": f}), data) for f in es.files]
+        + [_spec(s, data) for s in es.sources]
+        for name, es in data.eval_sets.items()
+    }
+
+
+def all_specs(data: DataConfig) -> list[SourceSpec]:
+    """Every source: train, the unnamed eval set, then the named eval sets."""
+    named = [spec for specs in eval_set_specs(data).values() for spec in specs]
+    return source_specs(data, "train") + source_specs(data, "eval") + named
+
+
 def _spec(s: SourceConfig, data: DataConfig) -> SourceSpec:
     return SourceSpec(
         label=s.hub or s.path or "",

@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from distft.config import Config, DataConfig
+from distft.config import Config
 from distft.data.cache import (
     BuildResult,
     CacheContext,
-    SourceSpec,
+    all_specs,
     build_entry,
     cache_root,
+    eval_set_specs,
     is_checked,
     load_entry,
     source_specs,
@@ -41,8 +42,15 @@ from distft.dist import DistContext
 @dataclass
 class DataSplits:
     train: Split
-    eval: Split | None
-    metas: list[dict[str, Any]] = field(default_factory=list)  # train sources, then eval
+    eval: Split | None  # the unnamed eval set (eval_files, eval_sources or val_fraction)
+    metas: list[dict[str, Any]] = field(default_factory=list)  # train, eval, named sets
+    named: dict[str, Split] = field(default_factory=dict)  # data.eval_sets, config order
+
+    def eval_sets(self) -> dict[str, Split]:
+        """Every eval set by its metric key: `eval/loss` (the unnamed set) first, then
+        `eval/<name>/loss`. The first is the one `checkpoint.keep_best` ranks by."""
+        first = {"eval/loss": self.eval} if self.eval is not None else {}
+        return first | {f"eval/{n}/loss": split for n, split in self.named.items()}
 
 
 def cache_context(cfg: Config, tokenizer: Any) -> CacheContext:
@@ -55,17 +63,13 @@ def cache_context(cfg: Config, tokenizer: Any) -> CacheContext:
     return CacheContext.create(tokenizer, settings, d.on_bad_record, cache_root(d))
 
 
-def _all_specs(data: DataConfig) -> list[SourceSpec]:
-    return source_specs(data, "train") + source_specs(data, "eval")
-
-
 def build(
     cfg: Config, tokenizer: Any, log: Callable[[str], None] = lambda _: None
 ) -> list[BuildResult]:
-    """Build every missing cache entry of the config's sources (train, then eval)."""
+    """Build every missing cache entry of the config's sources (train, then eval sets)."""
     ctx = cache_context(cfg, tokenizer)
     results = []
-    for spec in _all_specs(cfg.data):
+    for spec in all_specs(cfg.data):
         result = build_entry(spec, ctx)
         m = result.meta
         if result.built:
@@ -108,7 +112,15 @@ def load(cfg: Config, tokenizer: Any) -> DataSplits:
         arrays, meta = load_entry(spec, ctx)
         metas.append(meta)
         evals.append(Split([arrays]))
-    return DataSplits(Split.concat(trains), Split.concat(evals) if evals else None, metas)
+    named = {}
+    for name, specs in eval_set_specs(cfg.data).items():
+        parts = []
+        for spec in specs:
+            arrays, meta = load_entry(spec, ctx)
+            metas.append(meta)
+            parts.append(Split([arrays]))
+        named[name] = Split.concat(parts)
+    return DataSplits(Split.concat(trains), Split.concat(evals) if evals else None, metas, named)
 
 
 def prepare(cfg: Config, tokenizer: Any, dist: DistContext) -> DataSplits:
@@ -136,7 +148,7 @@ def check_records(cfg: Config) -> None:
     root = cache_root(data)
     tokenizer = _local_tokenizer(cfg)
     ctx = cache_context(cfg, tokenizer) if tokenizer is not None else None
-    for spec in _all_specs(data):
+    for spec in all_specs(data):
         if spec.hub is not None:
             continue
         if ctx is None and is_checked(root, spec, data.on_bad_record):

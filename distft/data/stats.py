@@ -21,7 +21,8 @@ def describe(splits: DataSplits, batches: TrainBatches) -> tuple[dict[str, float
         "data/train_samples": len(train),
         "data/train_tokens": tokens,
         "data/train_target_tokens": targets,
-        "data/eval_samples": len(splits.eval) if splits.eval is not None else 0,
+        "data/eval_samples": sum(len(s) for s in splits.eval_sets().values()),
+        **{f"data/eval/{n}/samples": len(s) for n, s in splits.named.items()},
         "data/len_min": int(lengths.min()),
         "data/len_median": float(q[0]),
         "data/len_p90": float(q[1]),
@@ -32,7 +33,8 @@ def describe(splits: DataSplits, batches: TrainBatches) -> tuple[dict[str, float
     }
     lines = [
         f"data: train {len(train):,} samples, {tokens:,} tokens, {targets:,} trained "
-        f"({100 * targets / max(tokens, 1):.1f}%); eval {metrics['data/eval_samples']:,} samples",
+        f"({100 * targets / max(tokens, 1):.1f}%); eval {metrics['data/eval_samples']:,} samples"
+        + "".join(f", {n} {len(s):,}" for n, s in splits.named.items()),
         f"data: lengths min {metrics['data/len_min']} / median {q[0]:.0f} / p90 {q[1]:.0f} / "
         f"max {metrics['data/len_max']}; skipped {counts['skipped']}, truncated "
         f"{counts['truncated']}, dropped {counts['dropped']} (over max_seq_len)",
