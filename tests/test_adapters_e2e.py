@@ -74,7 +74,7 @@ def test_lora_with_added_token_modules_to_save_and_neftune(tiny: Any, tmp_path: 
         optim={"lr": 2e-2, "warmup_steps": 0},
         batch={"micro_batch_size": 4, "grad_accum": 2, "max_steps": 6},
     )
-    proc = run_cli("train", str(write_config(tmp_path / "config.yaml", cfg)))
+    proc = run_cli("train", str(write_config(tmp_path / "config.yaml", cfg)), timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     # rank 0 reloaded final/ with plain peft (base resized) and matched the engine's logits,
