@@ -70,15 +70,23 @@ def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str
     check_positions(cfg.data.max_seq_len, config)
     attn = pick_attention(cfg, type(model))
     lines = [f"attention: {attn}" + (" (auto)" if cfg.model.attn_implementation == "auto" else "")]
+    model_section = cfg.model.model_copy(update={"attn_implementation": attn})
+    resolved = cfg.model_copy(update={"model": model_section}, deep=True)
     if vocab.customised(cfg):
+        try:
+            tokenizer = load_tokenizer(cfg)
+        except OSError as e:  # validate: a hub tokenizer that is not cached
+            if not local_only:
+                raise UserError(f"model.tokenizer: cannot load the tokenizer ({e})") from None
+            return resolved, [*lines, "added tokens and LoRA layout not checked: no tokenizer"]
         with torch.device("meta"):
-            vocab.resize(model, cfg, load_tokenizer(cfg))
+            grown = vocab.resize(model, cfg, tokenizer)
+        lines.append(f"tokenizer: {len(tokenizer)} tokens; embeddings grown by {grown} rows")
     if cfg.lora.enabled:
         lines += lora_plan(model, cfg).notes
         with torch.device("meta"):  # the adapters too: no memory, no initialisation
             lines.append(_adapted(with_lora(model, cfg)))
-    model_section = cfg.model.model_copy(update={"attn_implementation": attn})
-    return cfg.model_copy(update={"model": model_section}, deep=True), lines
+    return resolved, lines
 
 
 def hf_config(cfg: Config, local_only: bool = False) -> Any:

@@ -250,6 +250,7 @@ def test_unknown_module_to_save_is_refused_on_the_driver(tiny: Any) -> None:
     ok = make_cfg(tiny, {"add_special_tokens": [TOOL]}, lora=lora(modules_to_save=["lm_head"]))
     checked, lines = check_model(ok, local_only=True)
     assert checked is not None and any(line.startswith("LoRA adapts") for line in lines)
+    assert "tokenizer: 513 tokens; embeddings grown by 1 rows" in lines
 
 
 def test_added_tokens_change_the_cache_key_and_the_fingerprint(tiny: Any) -> None:
@@ -276,53 +277,59 @@ _ZERO3_SCRIPT = textwrap.dedent(
     from distft.model import build_model, load_tokenizer
 
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = from_dict(json.loads(sys.argv[1]))
-    ds_config, _ = build_ds_config(cfg, world_size=1)
-    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    torch.manual_seed(0)
-    model = build_model(cfg, ds_config)  # resized while partitioned, then LoRA + rows
-    engine = create_engine(model, cfg, ds_config, total_steps=3)
-    tok = load_tokenizer(cfg)
-    text = "<|user|>\\nhi<|end|>\\n<|assistant|>\\n<|tool|> HI<|end|>"
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    emb = engine.module.get_input_embeddings()
-    delta = emb.token_adapter.trainable_tokens_delta["default"]
-    def rows():
-        with deepspeed.zero.GatheredParameters([delta]):
-            return delta.detach().clone()
-    before, losses = rows(), []
-    for _ in range(3):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    base = emb.token_adapter.base_layer.weight
-    print("RESULT " + json.dumps({
-        "rows": list(base.ds_shape), "partitioned": base.numel() < base.ds_numel,
-        "moved": (rows() - before).abs().min().item(), "losses": losses,
-        "trained": sorted(n for n, p in engine.module.named_parameters() if p.requires_grad),
-    }))
+    results = []
+    for raw in json.loads(sys.argv[1]):
+        cfg = from_dict(raw)
+        ds_config, _ = build_ds_config(cfg, world_size=1)
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        torch.manual_seed(0)
+        model = build_model(cfg, ds_config)  # resized while partitioned, then LoRA + rows
+        engine = create_engine(model, cfg, ds_config, total_steps=3)
+        tok = load_tokenizer(cfg)
+        token = cfg.model.add_special_tokens[0]
+        text = f"<|user|>\\nhi<|end|>\\n<|assistant|>\\n{token} HI<|end|>"
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        emb = engine.module.get_input_embeddings()
+        delta = emb.token_adapter.trainable_tokens_delta["default"]
+        def rows():
+            with deepspeed.zero.GatheredParameters([delta]):
+                return delta.detach().clone()
+        before, losses = rows(), []
+        for _ in range(3):
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        base = emb.token_adapter.base_layer.weight
+        results.append({
+            "rows": list(base.ds_shape), "partitioned": base.numel() < base.ds_numel,
+            "moved": (rows() - before).abs().min().item(), "losses": losses,
+            "trained": sorted(n for n, p in engine.module.named_parameters() if p.requires_grad),
+        })
+    print("RESULT " + json.dumps({"runs": results}))
     """
 )
 
 
 def test_zero3_resizes_and_trains_the_new_rows(tiny: Any) -> None:
     """Real DeepSpeed ZeRO-3 on one gloo rank: the resize under zero.Init, peft's trained
-    rows built from the gathered embeddings, and their forward/backward while partitioned."""
+    rows built from the gathered embeddings, and their forward/backward while partitioned;
+    a new token (resize) and a token the vocabulary has (rows taken from the partitions)."""
     from tests.test_engine_config import _run_child
 
-    raw = make_cfg(
-        tiny,
-        {
-            "add_special_tokens": [TOOL],
-            "pad_vocab_to_multiple_of": 8,
-            "attn_implementation": "sdpa",
-        },
-        lora=lora(),
-        deepspeed={"zero_stage": 3, "precision": "fp32"},
-        optim={"lr": 1e-2},
-    ).model_dump(mode="json")
-    out = _run_child(_ZERO3_SCRIPT, raw)
-    assert out["rows"] == [520, 64] and out["partitioned"]
-    assert out["moved"] > 0 and out["losses"][-1] < out["losses"][0]
-    assert sum("trainable_tokens" in n for n in out["trained"]) == 2  # embeddings + head
+    def raw(model: dict[str, Any]) -> dict[str, Any]:
+        return make_cfg(
+            tiny,
+            {**model, "attn_implementation": "sdpa"},
+            lora=lora(),
+            deepspeed={"zero_stage": 3, "precision": "fp32"},
+            optim={"lr": 1e-2},
+        ).model_dump(mode="json")
+
+    grown = raw({"add_special_tokens": [TOOL], "pad_vocab_to_multiple_of": 8})
+    existing = raw({"add_special_tokens": ["<|user|>"]})  # in the vocabulary: no resize
+    out = _run_child(_ZERO3_SCRIPT, [grown, existing])  # type: ignore[arg-type]
+    for run, rows in zip(out["runs"], (520, 512), strict=True):
+        assert run["rows"] == [rows, 64] and run["partitioned"]
+        assert run["moved"] > 0 and run["losses"][-1] < run["losses"][0]
+        assert sum("trainable_tokens" in n for n in run["trained"]) == 2  # embeddings + head
