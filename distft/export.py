@@ -156,7 +156,11 @@ def _write(
     skeleton = hf.meta_model(cfg, lora=True)
     if set(hf.lora_names(skeleton)) != set(adapter):
         raise ExportError(f"{layout.ckpt}: its trained tensors do not match the LoRA config")
-    skeleton.save_pretrained(out, state_dict={k: t.to(dtype) for k, t in adapter.items()})
+    skeleton.save_pretrained(
+        out,
+        state_dict={k: t.to(dtype) for k, t in adapter.items()},
+        save_embedding_layers=False,  # the trained rows are in it; the base is resized on load
+    )
     hf.write_metadata(out, cfg, tokenizer, None)
     return "LoRA adapter", 1
 
@@ -197,7 +201,8 @@ def verify_export(out: Path, source: Path) -> str:
 def _verify(out: Path, ckpt: Path, cfg: Config) -> str:
     tokenizer = hf.training_tokenizer(cfg)
     config = hf.hf_config(cfg)
-    inputs = v.probe_inputs(tokenizer, config.vocab_size, hf.max_positions(config))
+    rows, added = hf.vocab_rows(cfg, config, tokenizer), hf.added_ids(cfg, tokenizer)
+    inputs = v.probe_inputs(tokenizer, rows, hf.max_positions(config), added)
     if (out / "adapter_config.json").is_file():
         return _verify_adapter(out, ckpt, cfg, inputs)
     dtype = getattr(torch, json.loads((out / "config.json").read_text())["dtype"])
@@ -305,7 +310,7 @@ def save_final(engine: Any, tokenizer: Any, cfg: Config, dist: DistContext) -> N
     if cfg.lora.enabled:
         state = {n: _gather(p, dist) for n, p in module.named_parameters() if p.requires_grad}
         if dist.is_main:
-            module.save_pretrained(staging, state_dict=state)
+            module.save_pretrained(staging, state_dict=state, save_embedding_layers=False)
             hf.write_metadata(staging, cfg, tokenizer, None)
     else:
         items = hf.weights_of(module)
@@ -350,8 +355,9 @@ def _verify_final(
     checkpoint instead."""
     if dist.device.type != "cpu":
         return "not verified on GPU workers (`distft export` checks the checkpoint)"
-    config = engine.module.config
-    inputs = v.probe_inputs(tokenizer, config.vocab_size, hf.max_positions(config))
+    config = engine.module.config  # vocab_size: resized for added tokens
+    added = hf.added_ids(cfg, tokenizer)
+    inputs = v.probe_inputs(tokenizer, config.vocab_size, hf.max_positions(config), added)
     want = v.logits(engine, inputs, dist.device)  # every rank: ZeRO-3 forwards are collective
     if not dist.is_main:
         return ""

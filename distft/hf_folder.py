@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from distft import model as model_mod
+from distft import vocab
 from distft.config import Config
 from distft.errors import UserError
-from distft.model import _with_lora, load_tokenizer
+from distft.lora import with_lora as _with_lora
+from distft.vocab import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHARD_SIZE = "5GB"
@@ -89,6 +91,7 @@ def write_metadata(out: Path, cfg: Config, tokenizer: Any, dtype: torch.dtype | 
     if dtype is not None:
         config = hf_config(cfg)
         config.dtype = dtype
+        config.vocab_size = vocab_rows(cfg, config, tokenizer)
         config.save_pretrained(out)
         try:
             gen = GenerationConfig.from_pretrained(
@@ -129,9 +132,23 @@ def training_tokenizer(cfg: Config, tokenizer: Any | None = None) -> Any:
     return tokenizer
 
 
+def vocab_rows(cfg: Config, config: Any, tokenizer: Any) -> int:
+    """The trained model's vocabulary size: the base's, grown for added tokens."""
+    rows = int(config.get_text_config().vocab_size)
+    return vocab.embedding_rows(cfg, len(tokenizer), rows) if vocab.customised(cfg) else rows
+
+
+def added_ids(cfg: Config, tokenizer: Any) -> list[int]:
+    """The ids of `model.add_special_tokens` (verification probes them)."""
+    return vocab.token_ids(cfg, tokenizer)
+
+
 def meta_model(cfg: Config, lora: bool) -> Any:
     """The architecture without weights (meta device): names, shapes, the LoRA layout."""
     model = model_mod.meta_model(cfg)
+    if vocab.customised(cfg):
+        with torch.device("meta"):
+            vocab.resize(model, cfg, load_tokenizer(cfg))
     return _with_lora(model, cfg) if lora else model
 
 
@@ -140,9 +157,12 @@ def base_model(cfg: Config, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision
     )
+    if vocab.customised(cfg):  # the embeddings grown as training grew them
+        vocab.resize(model, cfg, load_tokenizer(cfg))
+    return model
 
 
 def with_lora(model: Any, cfg: Config) -> Any:
@@ -150,8 +170,12 @@ def with_lora(model: Any, cfg: Config) -> Any:
     return _with_lora(model, cfg)
 
 
+TRAINED = (".lora_", ".trainable_tokens_delta.", ".modules_to_save.")
+
+
 def lora_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if ".lora_" in n]
+    """The parameters a LoRA run trains: adapters, added tokens' rows, modules to save."""
+    return [n for n, _ in model.named_parameters() if any(t in n for t in TRAINED)]
 
 
 def weights_of(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

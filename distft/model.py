@@ -6,22 +6,25 @@ device, no weights read) it resolves `model.attn_implementation: auto` to what t
 supports, checks `data.max_seq_len` against the model's positions and that every LoRA
 target exists. (A local folder's weight headers and tokenizer files are checked before
 it, by the CLI: `model_files.check_local_files`.) Workers build the same
-LoRA layout with `_with_lora`.
+LoRA layout with `distft.lora.with_lora`. Added tokens and the tokenizer: `distft.vocab`;
+NEFTune noise: `distft.neftune`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from distft import neftune, vocab
 from distft.config import Config, Precision
 from distft.errors import UserError
+from distft.lora import _adapted, lora_plan, with_lora
 from distft.model_files import check_model_config
+from distft.vocab import load_tokenizer
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,21 +34,6 @@ def load_dtype(cfg: Config) -> torch.dtype:
     if name == "auto":
         name = Precision(cfg.deepspeed.precision).value
     return _DTYPES[name]
-
-
-def load_tokenizer(cfg: Config) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(
-        cfg.model.tokenizer or cfg.model.name_or_path,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-    )
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    # A missing chat template is the data layer's concern (data.chat_template names a
-    # built-in one; text and pre-tokenized formats need none).
-    return tok
 
 
 # ------------------------------------------------------------------ driver-side checks
@@ -82,12 +70,23 @@ def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str
     check_positions(cfg.data.max_seq_len, config)
     attn = pick_attention(cfg, type(model))
     lines = [f"attention: {attn}" + (" (auto)" if cfg.model.attn_implementation == "auto" else "")]
+    model_section = cfg.model.model_copy(update={"attn_implementation": attn})
+    resolved = cfg.model_copy(update={"model": model_section}, deep=True)
+    if vocab.customised(cfg):
+        try:
+            tokenizer = load_tokenizer(cfg)
+        except OSError as e:  # validate: a hub tokenizer that is not cached
+            if not local_only:
+                raise UserError(f"model.tokenizer: cannot load the tokenizer ({e})") from None
+            return resolved, [*lines, "added tokens and LoRA layout not checked: no tokenizer"]
+        with torch.device("meta"):
+            grown = vocab.resize(model, cfg, tokenizer)
+        lines.append(f"tokenizer: {len(tokenizer)} tokens; embeddings grown by {grown} rows")
     if cfg.lora.enabled:
         lines += lora_plan(model, cfg).notes
         with torch.device("meta"):  # the adapters too: no memory, no initialisation
-            lines.append(_adapted(_with_lora(model, cfg)))
-    model_section = cfg.model.model_copy(update={"attn_implementation": attn})
-    return cfg.model_copy(update={"model": model_section}, deep=True), lines
+            lines.append(_adapted(with_lora(model, cfg)))
+    return resolved, lines
 
 
 def hf_config(cfg: Config, local_only: bool = False) -> Any:
@@ -213,100 +212,6 @@ def resolved_attention(cfg: Config) -> str:
     return pick_attention(cfg, type(meta_model(cfg)))
 
 
-# ------------------------------------------------------------------ LoRA targets
-
-
-def _adapted(peft_model: Any) -> str:
-    """One line: the layers and fused parameters peft put adapters on (peft may add some
-    itself, e.g. Mixtral's router under transformers 5)."""
-    tuner = peft_model.base_model
-    layers = sorted({n.rsplit(".", 1)[-1] for n in tuner.targeted_module_names})
-    params = sorted(
-        {".".join(n.rsplit(".", 2)[-2:]) for n in getattr(tuner, "targeted_parameter_names", [])}
-    )
-    line = f"LoRA adapts: {', '.join(layers) or 'no layer'}"
-    return line + (f"; fused weights: {', '.join(params)}" if params else "")
-
-
-@dataclass(frozen=True)
-class LoraPlan:
-    target_modules: list[str] | str  # peft's target_modules ("all-linear" or names)
-    target_parameters: list[str]  # fused 3-D expert weights ("experts.gate_up_proj", ...)
-    notes: list[str]  # warnings the driver prints
-
-
-def _linear_names(model: Any) -> list[str]:
-    """Leaf names of the layers LoRA can adapt (Linear, GPT-2's Conv1D), head excluded."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {
-        n.rsplit(".", 1)[-1]
-        for n, mod in model.named_modules()
-        if _is_linear(mod) and mod is not head and ".lora_" not in n
-    }
-    return sorted(names)
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def _expert_parameters(model: Any) -> list[str]:
-    """`module.param` suffixes of fused expert weights: 3-D parameters (experts x out x in),
-    as transformers 5 stores MoE experts. Partitioned ZeRO-3 parameters keep `ds_shape`."""
-    found = set()
-    for mod_name, mod in model.named_modules():
-        if ".lora_" in mod_name or isinstance(mod, torch.nn.modules.conv._ConvNd):
-            continue
-        for p_name, p in mod.named_parameters(recurse=False):
-            if len(getattr(p, "ds_shape", p.shape)) == 3:
-                found.add(f"{mod_name.rsplit('.', 1)[-1]}.{p_name}")
-    return sorted(found)
-
-
-def lora_plan(model: Any, cfg: Config, strict: bool = True) -> LoraPlan:
-    """What peft adapts, checked against the architecture. `all-linear`: every linear
-    layer but the head, plus the routed experts' fused weights (peft `target_parameters`).
-    A list: each name must match a linear layer by peft's rule (the module's name or its
-    dotted suffix); names that match nothing are refused, not ignored (`strict`: on the
-    driver; workers and exports of runs started before this check rebuild the layout as
-    peft makes it)."""
-    lora, cls = cfg.lora, type(model).__name__
-    linear, experts = _linear_names(model), _expert_parameters(model)
-    if lora.target_modules == "all-linear":
-        if experts and lora.dropout > 0:
-            raise UserError(
-                f"lora.dropout: {cls} keeps its routed experts as fused weights "
-                f"({', '.join(experts)}), which all-linear adapts and peft cannot apply "
-                f"dropout to; set lora.dropout: 0, or list lora.target_modules to leave "
-                f"the experts out (got {lora.dropout})"
-            )
-        return LoraPlan("all-linear", experts, [])
-    modules = dict(model.named_modules())
-    problems = []
-    for target in lora.target_modules:
-        hits = [m for n, m in modules.items() if n == target or n.endswith(f".{target}")]
-        if not hits:
-            problems.append(
-                f"lora.target_modules: {target!r} matches no module of {cls}; "
-                f"its linear layers: {', '.join(linear)} (or use 'all-linear')"
-            )
-        elif not all(_is_linear(m) or isinstance(m, torch.nn.Embedding) for m in hits):
-            kind = type(next(m for m in hits if not _is_linear(m))).__name__
-            problems.append(
-                f"lora.target_modules: {target!r} names a {kind}, not a linear layer; "
-                f"linear layers of {cls}: {', '.join(linear)}"
-            )
-    if problems and strict:
-        raise UserError("\n".join(problems))
-    notes = []
-    if experts:
-        notes.append(
-            f"warning: the routed experts of {cls} ({', '.join(experts)}) are not adapted: "
-            "they are fused weights, not layers; lora.target_modules: all-linear adapts them"
-        )
-    return LoraPlan(list(lora.target_modules), [], notes)
-
-
 # ------------------------------------------------------------------ workers
 
 
@@ -330,30 +235,17 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
         attn_implementation=resolved_attention(cfg),
         revision=cfg.model.revision,
     )
+    if vocab.customised(cfg):  # while transformers sees ZeRO-3: the resize gathers
+        vocab.resize(model, cfg, load_tokenizer(cfg))
     del hf_ds
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
-        model = _with_lora(model, cfg)
+        model = with_lora(model, cfg)
+    if cfg.model.neftune_alpha is not None:  # after peft: it may replace the embeddings
+        neftune.attach(model, cfg.model.neftune_alpha)
     return model
-
-
-def _with_lora(model: Any, cfg: Config) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora, plan = cfg.lora, lora_plan(model, cfg, strict=False)
-    peft_cfg = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=lora.r,
-        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r: floats work
-        lora_dropout=lora.dropout,
-        target_modules=plan.target_modules,
-        target_parameters=plan.target_parameters or None,
-    )
-    if cfg.model.gradient_checkpointing:
-        model.enable_input_require_grads()
-    return get_peft_model(model, peft_cfg)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

@@ -30,9 +30,12 @@ class VerificationFailed(Exception):
     """The export does not compute what the checkpoint computes: a bug, not bad input."""
 
 
-def probe_inputs(tokenizer: Any, vocab_size: int, max_positions: int) -> list[torch.Tensor]:
+def probe_inputs(
+    tokenizer: Any, vocab_size: int, max_positions: int, extra_ids: list[int] | None = None
+) -> list[torch.Tensor]:
     """Fixed inputs, identical on every rank and in every process: one conversation
-    rendered with the chat template, then seeded random token ids of a few lengths."""
+    rendered with the chat template, then seeded random token ids of a few lengths, and
+    with `extra_ids` (added tokens) a row of the conversation's start followed by them."""
     text = tokenizer.apply_chat_template(_PROBE_CONVERSATION, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_positions]
     gen = torch.Generator().manual_seed(0)
@@ -40,6 +43,9 @@ def probe_inputs(tokenizer: Any, vocab_size: int, max_positions: int) -> list[to
     for length in (7, 33, 64):
         n = min(length, max_positions)
         rows.append(torch.randint(0, vocab_size, (1, n), generator=gen))
+    if extra_ids:
+        row = (ids[:8] + list(extra_ids) * 2)[:max_positions]
+        rows.append(torch.tensor([row], dtype=torch.long))
     return rows
 
 

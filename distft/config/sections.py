@@ -43,6 +43,36 @@ class ModelConfig(_Section):
         "Ray starts.",
     )
     revision: str | None = None
+    add_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens added to the tokenizer as special tokens; the embeddings grow "
+        "(new rows: the mean of the old ones) and under LoRA their rows are trained.",
+    )
+    pad_token: str | None = Field(
+        None, description="Padding token (added when missing); null: the tokenizer's, else eos."
+    )
+    pad_vocab_to_multiple_of: int | None = Field(
+        None, gt=0, description="Resized embeddings get a multiple of this many rows."
+    )
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune noise alpha on the input embeddings (training only)."
+    )
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _distinct_tokens(cls, v: list[str]) -> list[str]:
+        if any(not t for t in v):
+            raise ValueError("a token must not be empty")
+        if len(set(v)) != len(v):
+            raise ValueError(f"tokens listed twice: {sorted({t for t in v if v.count(t) > 1})}")
+        return v
+
+    @field_validator("pad_token")
+    @classmethod
+    def _non_empty_pad(cls, v: str | None) -> str | None:
+        if v == "":
+            raise ValueError("must not be empty (null: the tokenizer's own, else eos)")
+        return v
 
 
 class LoraConfig(_Section):
@@ -54,6 +84,12 @@ class LoraConfig(_Section):
         "all-linear",
         description="all-linear: every linear layer but the output head, and the routed "
         "experts of MoE models; or module names, each of which must match a layer.",
+    )
+
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained whole and saved with the adapter (e.g. lm_head); each "
+        "must match a module of the model.",
     )
 
     @field_validator("target_modules")
@@ -266,6 +302,18 @@ class Config(_Section):
         for tracker in (self.logging.mlflow, self.logging.tensorboard):
             if missing := tracker.missing_package():
                 problems.append(missing)
+        save = self.lora.modules_to_save
+        if save and not self.lora.enabled:
+            problems.append(
+                "lora.modules_to_save: needs lora.enabled: true (a full fine-tune trains "
+                "every module)"
+            )
+        elif save and ds.zero_stage == 3:
+            problems.append(
+                "lora.modules_to_save: not supported with deepspeed.zero_stage 3 (peft copies "
+                "the modules while their weights are partitioned); use zero_stage 2, or "
+                "model.add_special_tokens to train new tokens' rows alone"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
