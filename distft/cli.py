@@ -206,6 +206,39 @@ def report(run_dir: Path = typer.Argument(..., help="A run's output directory.")
         _fail(str(e).splitlines(), EXIT_BAD_INPUT)
 
 
+@app.command()
+def chat(
+    source: Path = typer.Argument(
+        ..., help="A run directory (its final/ model or adapter), a model or an adapter folder."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", help="Answer this one turn and exit."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Per answer."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", min=0.0, help="0: greedy (default with --prompt); else 0.7."
+    ),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
+) -> None:
+    """Chat with a trained model: interactive on a terminal, else one turn per stdin line."""
+    from distft import chat as chat_mod
+
+    if temperature is None:
+        temperature = 0.0 if prompt is not None else 0.7
+    sampling = chat_mod.Sampling(max_new_tokens, temperature, top_p or 1.0, seed)
+    try:
+        found = chat_mod.find_model(source)
+        model, tokenizer = chat_mod.load(found, chat_mod.default_device())
+        conversation = chat_mod.Chat(model, tokenizer, sampling, system)
+        if prompt is not None:
+            conversation.say(prompt)
+        else:
+            interactive = sys.stdin.isatty()
+            chat_mod.converse(conversation, chat_mod.user_turns(interactive), interactive)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+
+
 @app.command("make-tiny")
 def make_tiny(
     root: Path = typer.Argument(..., help="Directory for the tiny model, tokenizer and data."),
