@@ -196,12 +196,23 @@ def export(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run's output directory.")) -> None:
-    """Plots of the run's metrics and one HTML page: RUN_DIR/report.html."""
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more runs' output directories."),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Page folder for several runs (default ./distft-report)."
+    ),
+) -> None:
+    """Plots of a run's metrics and one HTML page (RUN_DIR/report.html); several runs:
+    overlaid on one page in --out."""
     from distft.report import write_report
+    from distft.report_compare import DEFAULT_OUT, write_comparison
 
     try:
-        out.print(f"report: {write_report(run_dir)}", markup=False)
+        if len(run_dirs) == 1 and out_dir is None:
+            page = write_report(run_dirs[0])
+        else:
+            page = write_comparison(run_dirs, out_dir or DEFAULT_OUT)
+        out.print(f"report: {page}", markup=False)
     except UserError as e:
         _fail(str(e).splitlines(), EXIT_BAD_INPUT)
 
