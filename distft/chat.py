@@ -104,8 +104,11 @@ def load(source: ModelSource, device: str) -> tuple[Any, Any]:
     hf_logging.disable_progress_bar()  # stderr holds errors only; stdout the answers
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+    own_tokenizer = source.base is None or (source.path / "tokenizer_config.json").is_file()
+    try:  # an adapter folder without tokenizer files: the base model's tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.path if own_tokenizer else source.base, trust_remote_code=False
+        )
         model: Any
         if source.base is None:
             model = AutoModelForCausalLM.from_pretrained(
@@ -223,9 +226,14 @@ def converse(chat: Chat, turns: Iterable[str], interactive: bool) -> None:
         if text == "/reset":
             chat.reset()
             continue
-        if interactive:
-            print("assistant> ", end="", flush=True)
-        chat.say(text)
+        if not interactive:
+            chat.say(text)
+            continue
+        print("assistant> ", end="", flush=True)
+        try:
+            chat.say(text)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer; the turn is not kept
+            print("\n(interrupted)", file=sys.stderr)
 
 
 def default_device() -> str:

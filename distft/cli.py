@@ -228,7 +228,7 @@ def chat(
     temperature: float | None = typer.Option(
         None, "--temperature", min=0.0, help="0: greedy (default with --prompt); else 0.7."
     ),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling, in (0, 1]."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
 ) -> None:
     """Chat with a trained model: interactive on a terminal, else one turn per stdin line."""
@@ -236,7 +236,9 @@ def chat(
 
     if temperature is None:
         temperature = 0.0 if prompt is not None else 0.7
-    sampling = chat_mod.Sampling(max_new_tokens, temperature, top_p or 1.0, seed)
+    if not 0 < top_p <= 1:
+        _fail([f"--top-p: expected a value in (0, 1] (got {top_p})"], EXIT_BAD_INPUT)
+    sampling = chat_mod.Sampling(max_new_tokens, temperature, top_p, seed)
     try:
         found = chat_mod.find_model(source)
         model, tokenizer = chat_mod.load(found, chat_mod.default_device())
