@@ -71,7 +71,12 @@ def write_comparison(run_dirs: list[Path], out: Path = DEFAULT_OUT) -> Path:
         raise UserError("\n".join(problems))
     check_out(out, run_dirs)
     (out / REPORT_DIR).mkdir(parents=True, exist_ok=True)
-    rendered = [p for p in COMPARE if render(p, lines(p, runs), out / REPORT_DIR / p.file, True)]
+    rendered = []
+    for p in COMPARE:
+        if render(p, lines(p, runs), out / REPORT_DIR / p.file, legend=True):
+            rendered.append(p)
+        else:  # not left over from an earlier comparison in the same folder
+            (out / REPORT_DIR / p.file).unlink(missing_ok=True)
     esc = html.escape
     parts = [
         *head(f"distft comparison: {', '.join(name for name, _ in runs)}"),

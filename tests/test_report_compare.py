@@ -111,6 +111,14 @@ def test_report_of_two_runs_overlays_them_with_a_table_of_final_figures(tmp_path
         ["b/run", "12", "3.8000", "3.0000", "-", "2,007", "PEFT adapter"],
     ]  # last values: 6.0 - 0.1*10, eval at step 10: 6.0 - 0.2*10, 6.0 - 0.3*10 ...
 
+    # The same folder again, for runs that logged no eval: no eval plot left behind
+    no_eval = [{k: v for k, v in r.items() if "eval" not in k} for r in metrics(4, 9, False)]
+    c = write_run(tmp_path / "c", no_eval)
+    d = write_run(tmp_path / "d", no_eval)
+    assert run_cli("report", str(c), str(d), "--out", str(out)).returncode == 0
+    assert {p.name for p in (out / "report").glob("*.png")} == COMPARE - {"eval_loss.png"}
+    assert len(Page((out / "report.html").read_text(encoding="utf-8")).images) == 3
+
 
 def test_comparison_lines_a_colour_per_run_a_style_per_eval_set() -> None:
     from distft.report_plots import COMPARE as PLOTS
