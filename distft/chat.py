@@ -181,13 +181,15 @@ class Chat:
         turn = [*self.messages, {"role": "user", "content": text}]
         inputs = prompt_inputs(self.tokenizer, turn).to(self.model.device)
         pad = self.tokenizer.pad_token_id
+        if pad is None and self.stops:
+            pad = self.stops[0]
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs,
                 **self.sampling.generate_kwargs(),
-                eos_token_id=self.stops,
-                pad_token_id=self.stops[0] if pad is None else pad,
+                eos_token_id=self.stops or None,  # none known: max_new_tokens ends it
+                pad_token_id=pad,
                 streamer=streamer,
             )
         new = out[0, inputs["input_ids"].shape[1] :]
