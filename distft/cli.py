@@ -139,11 +139,11 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
 def _summary(cfg: config_mod.Config, wall: float) -> str:
     """One line from the run's metrics file (on shared storage for multi-node runs)."""
     from distft.metrics import read_jsonl
-    from distft.report import eval_keys
+    from distft.report_plots import eval_series
 
     rows = read_jsonl(cfg.output_dir / "metrics.jsonl")
     parts = [f"done in {wall:.0f}s"]
-    for key in eval_keys(rows):
+    for key, _ in eval_series(rows):
         evals = [r[key] for r in rows if key in r]
         name = key.removesuffix("/loss").replace("/", " ")  # eval, eval task
         if len(evals) >= 2:
@@ -199,12 +199,58 @@ def export(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run's output directory.")) -> None:
-    """Plots of the run's metrics and one HTML page: RUN_DIR/report.html."""
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more runs' output directories."),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Page folder for several runs (default ./distft-report)."
+    ),
+) -> None:
+    """Plots of a run's metrics and one HTML page (RUN_DIR/report.html); several runs:
+    overlaid on one page in --out."""
     from distft.report import write_report
+    from distft.report_compare import DEFAULT_OUT, write_comparison
 
     try:
-        out.print(f"report: {write_report(run_dir)}", markup=False)
+        if len(run_dirs) == 1 and out_dir is None:
+            page = write_report(run_dirs[0])
+        else:
+            page = write_comparison(run_dirs, out_dir or DEFAULT_OUT)
+        out.print(f"report: {page}", markup=False)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+
+
+@app.command()
+def chat(
+    source: Path = typer.Argument(
+        ..., help="A run directory (its final/ model or adapter), a model or an adapter folder."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", help="Answer this one turn and exit."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Per answer."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", min=0.0, help="0: greedy (default with --prompt); else 0.7."
+    ),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling, in (0, 1]."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
+) -> None:
+    """Chat with a trained model: interactive on a terminal, else one turn per stdin line."""
+    from distft import chat as chat_mod
+
+    if temperature is None:
+        temperature = 0.0 if prompt is not None else 0.7
+    if not 0 < top_p <= 1:
+        _fail([f"--top-p: expected a value in (0, 1] (got {top_p})"], EXIT_BAD_INPUT)
+    sampling = chat_mod.Sampling(max_new_tokens, temperature, top_p, seed)
+    try:
+        found = chat_mod.find_model(source)
+        model, tokenizer = chat_mod.load(found, chat_mod.default_device())
+        conversation = chat_mod.Chat(model, tokenizer, sampling, system)
+        if prompt is not None:
+            conversation.say(prompt)
+        else:
+            interactive = sys.stdin.isatty()
+            chat_mod.converse(conversation, chat_mod.user_turns(interactive), interactive)
     except UserError as e:
         _fail(str(e).splitlines(), EXIT_BAD_INPUT)
 

@@ -2,8 +2,8 @@
 
 `write_report(run_dir)` reads `metrics.jsonl`, `config.yaml`, `checkpoints/` and `final/`
 and writes `report/<plot>.png` and `report.html` (plots embedded as data URIs, so the
-page can be mailed or attached as one file). Plots use matplotlib's Agg canvas directly:
-no display, no pyplot global state, no network.
+page can be mailed or attached as one file). `write_comparison(run_dirs, out)` overlays
+several runs on one page (`distft/report_compare.py`). The plots: `distft/report_plots.py`.
 """
 
 from __future__ import annotations
@@ -11,90 +11,18 @@ from __future__ import annotations
 import base64
 import html
 import json
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from distft.errors import UserError
 from distft.metrics import read_jsonl
+from distft.report_plots import PLOTS, Plot, Rows, eval_series, lines, render, series
+
+__all__ = ["read_run", "series", "write_report"]
 
 REPORT_DIR = "report"
 PAGE = "report.html"
-
-
-@dataclass(frozen=True)
-class Plot:
-    file: str
-    title: str
-    ylabel: str
-    series: tuple[tuple[str, str], ...]  # (metric key, legend label)
-    log_y: bool = False
-
-
-PLOTS = (
-    Plot("loss.png", "Loss", "mean NLL per target token",
-         (("train/loss", "train"), ("eval/loss", "eval"))),
-    Plot("lr.png", "Learning rate", "lr", (("train/lr", "lr"),)),
-    Plot("grad_norm.png", "Gradient norm", "L2 norm",
-         (("train/grad_norm", "grad norm"),), log_y=True),
-    Plot("throughput.png", "Throughput", "tokens / s",
-         (("train/tokens_per_s", "all tokens"), ("train/target_tokens_per_s", "target tokens"))),
-)  # fmt: skip
-
-
-def eval_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """The eval-set losses logged: `eval/loss`, then `eval/<name>/loss` in logged order."""
-    keys = dict.fromkeys(
-        k for r in rows for k in r if k.startswith("eval/") and k.endswith("/loss")
-    )
-    return sorted(keys, key=lambda k: k != "eval/loss")
-
-
-def plots(rows: list[dict[str, Any]]) -> tuple[Plot, ...]:
-    """PLOTS with the loss plot showing every eval set the run logged."""
-    loss, *rest = PLOTS
-    named = tuple((k, k.removeprefix("eval/").removesuffix("/loss")) for k in eval_keys(rows))
-    return (Plot(loss.file, loss.title, loss.ylabel, loss.series[:1] + named), *rest)
-
-
-def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric; a step logged twice (a resumed run) keeps its last
-    value; non-finite values are dropped."""
-    by_step: dict[int, float] = {}
-    for r in rows:
-        value = r.get(key)
-        if isinstance(value, int | float) and value == value and abs(value) != float("inf"):
-            by_step[int(r["step"])] = float(value)
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
-def render_plot(plot: Plot, rows: list[dict[str, Any]], path: Path) -> bool:
-    """Write `path` if any of the plot's metrics was logged; False otherwise."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    data = [(label, *series(rows, key)) for key, label in plot.series]
-    data = [(label, s, y) for label, s, y in data if s]
-    if not data:
-        return False
-    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for label, steps, values in data:
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
-    values = [v for _, _, ys in data for v in ys]
-    if plot.log_y and min(values) > 0 and max(values) > 10 * min(values):
-        ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(title=plot.title, xlabel="optimizer step", ylabel=plot.ylabel)
-    ax.grid(True, alpha=0.3)
-    if len(data) > 1:
-        ax.legend()
-    fig.savefig(path, format="png")
-    return True
 
 
 def checkpoints(run_dir: Path) -> list[dict[str, Any]]:
@@ -121,68 +49,104 @@ def checkpoints(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def write_report(run_dir: Path) -> Path:
-    """Render the plots and the page; returns the page's path."""
-    run_dir = Path(run_dir)
+def read_run(run_dir: Path) -> Rows:
+    """The run's metrics rows ([] before the first is logged); UserError for a folder that
+    is no run or a metrics file that is not JSON lines."""
     metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not run_dir.is_dir() or not (metrics.is_file() or config.is_file()):
         raise UserError(f"{run_dir}: not a distft run directory (no metrics.jsonl or config.yaml)")
     try:
-        rows = read_jsonl(metrics)
+        return read_jsonl(metrics)
     except ValueError as e:
         raise UserError(f"{metrics}: not JSON lines ({e})") from None
+
+
+def write_report(run_dir: Path) -> Path:
+    """Render the plots and the page into the run directory; returns the page's path."""
+    run_dir = Path(run_dir)
+    rows = read_run(run_dir)
     plots_dir = run_dir / REPORT_DIR
     plots_dir.mkdir(exist_ok=True)
-    rendered = [p for p in plots(rows) if render_plot(p, rows, plots_dir / p.file)]
-    page = run_dir / PAGE
+    rendered = []
+    for p in PLOTS:
+        data = lines(p, [(run_dir.name, rows)])
+        if render(p, data, plots_dir / p.file, legend=len(data) > 1):
+            rendered.append(p)
+    return write_page(run_dir, _html(run_dir, rows, rendered, run_dir / "config.yaml"))
+
+
+def write_page(out: Path, text: str) -> Path:
+    page = out / PAGE
     tmp = page.with_name(f".{PAGE}.tmp")
-    tmp.write_text(_html(run_dir, rows, rendered, config), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(page)
     return page
 
 
-def _html(run_dir: Path, rows: list[dict[str, Any]], plots: list[Plot], config: Path) -> str:
-    esc = html.escape
-    parts = [
+def figures(out: Path, plots: list[Plot]) -> list[str]:
+    """Each rendered plot as an embedded image with a link to its PNG file."""
+    esc, parts = html.escape, []
+    for p in plots:
+        data = base64.b64encode((out / REPORT_DIR / p.file).read_bytes()).decode()
+        parts.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{esc(p.title)}" '
+            f'data-file="{REPORT_DIR}/{p.file}"><figcaption>{esc(p.title)} '
+            f'(<a href="{REPORT_DIR}/{p.file}">{REPORT_DIR}/{p.file}</a>)</figcaption></figure>'
+        )
+    return parts
+
+
+def head(title: str) -> list[str]:
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>distft report: {esc(run_dir.name)}</title>",
+        f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;"
         "text-align:right}pre{background:#f6f6f6;padding:1em;overflow-x:auto}"
         "img{max-width:100%}</style></head><body>",
-        f"<h1>distft run report</h1><p>{esc(str(run_dir.resolve()))}<br>generated "
-        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
+    ]
+
+
+def generated() -> str:
+    return f"generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+
+
+def _html(run_dir: Path, rows: Rows, plots: list[Plot], config: Path) -> str:
+    esc = html.escape
+    parts = [
+        *head(f"distft report: {run_dir.name}"),
+        f"<h1>distft run report</h1><p>{esc(str(run_dir.resolve()))}<br>{generated()}</p>",
         "<h2>Summary</h2>",
         _summary_table(rows),
         "<h2>Metrics</h2>",
     ]
     if not plots:
         parts.append("<p>No training metrics logged yet.</p>")
-    for p in plots:
-        data = base64.b64encode((run_dir / REPORT_DIR / p.file).read_bytes()).decode()
-        parts.append(
-            f'<figure><img src="data:image/png;base64,{data}" alt="{esc(p.title)}" '
-            f'data-file="{REPORT_DIR}/{p.file}"><figcaption>{esc(p.title)} '
-            f'(<a href="{REPORT_DIR}/{p.file}">{REPORT_DIR}/{p.file}</a>)</figcaption></figure>'
-        )
+    parts += figures(run_dir, plots)
     parts += ["<h2>Checkpoints</h2>", _checkpoint_table(run_dir), _final(run_dir)]
     text = config.read_text(encoding="utf-8") if config.is_file() else "(no config.yaml)"
     parts += ["<h2>Resolved config</h2>", f"<pre>{esc(text)}</pre>", "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
-def _summary_table(rows: list[dict[str, Any]]) -> str:
+def _summary_table(rows: Rows) -> str:
     train_steps, train_loss = series(rows, "train/loss")
-    _, tps = series(rows, "train/tokens_per_s")
+    evals = [(f"{label} loss (first → last)", series(rows, key)[1]) for key, label in
+             eval_series(rows)] or [("eval loss (first → last)", [])]  # fmt: skip
     items = [
         ("optimizer steps logged", f"{train_steps[-1]}" if train_steps else "-"),
         ("train loss (first → last)", _arrow(train_loss)),
-        *((f"{k} (first → last)", _arrow(series(rows, k)[1])) for k in eval_keys(rows)),
-        ("median tokens/s", f"{sorted(tps)[len(tps) // 2]:,.0f}" if tps else "-"),
+        *((name, _arrow(values)) for name, values in evals),
+        ("median tokens/s", median_tokens_per_s(rows)),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in items)
     return f"<table>{body}</table>"
+
+
+def median_tokens_per_s(rows: Rows) -> str:
+    _, tps = series(rows, "train/tokens_per_s")
+    return f"{sorted(tps)[len(tps) // 2]:,.0f}" if tps else "-"
 
 
 def _arrow(values: list[float]) -> str:
@@ -204,11 +168,18 @@ def _checkpoint_table(run_dir: Path) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _final(run_dir: Path) -> str:
+def final_kind(run_dir: Path) -> str | None:
+    """ "PEFT adapter" or "Hugging Face model" for a run with `final/`, else None."""
     final = run_dir / "final"
     if not final.is_dir():
+        return None
+    return "PEFT adapter" if (final / "adapter_config.json").is_file() else "Hugging Face model"
+
+
+def _final(run_dir: Path) -> str:
+    kind = final_kind(run_dir)
+    if kind is None:
         return "<p>No final model (<code>final/</code>) yet.</p>"
-    names = sorted(p.name for p in final.iterdir() if p.is_file())
-    kind = "PEFT adapter" if "adapter_config.json" in names else "Hugging Face model"
+    names = sorted(p.name for p in (run_dir / "final").iterdir() if p.is_file())
     listing = ", ".join(f"<code>{html.escape(n)}</code>" for n in names)
     return f"<p><code>final/</code>: {kind}: {listing}</p>"

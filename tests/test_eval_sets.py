@@ -148,23 +148,26 @@ ROWS = [
 
 
 def test_report_plots_and_summarises_every_set(tmp_path: Path) -> None:
-    from distft.report import eval_keys, plots, write_report
+    from distft.report import write_report
+    from distft.report_plots import PLOTS, eval_series, metrics_of
 
-    assert eval_keys(ROWS) == ["eval/task/loss", "eval/general/loss"]
+    assert eval_series(ROWS) == [
+        ("eval/task/loss", "eval task"),
+        ("eval/general/loss", "eval general"),
+    ]
     rows = [{"step": 0, "eval/x/loss": 1.0, "eval/loss": 2.0}]
-    assert eval_keys(rows) == ["eval/loss", "eval/x/loss"]  # the unnamed set first
-    loss = plots(ROWS)[0]
-    assert loss.series == (
-        ("train/loss", "train"),
-        ("eval/task/loss", "task"),
-        ("eval/general/loss", "general"),
-    )
+    assert [k for k, _ in eval_series(rows)] == ["eval/loss", "eval/x/loss"]  # unnamed first
+    assert [k for k, _ in metrics_of(PLOTS[0], ROWS)] == [
+        "train/loss",
+        "eval/task/loss",
+        "eval/general/loss",
+    ]
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     page = write_report(run).read_text()
-    assert "eval/task/loss (first → last)</th><td>5.0000 → 2.0000" in page
-    assert "eval/general/loss (first → last)</th><td>1.5000 → 2.5000" in page
+    assert "eval task loss (first → last)</th><td>5.0000 → 2.0000" in page
+    assert "eval general loss (first → last)</th><td>1.5000 → 2.5000" in page
 
 
 def test_cli_summary_names_each_set(tmp_path: Path) -> None:
