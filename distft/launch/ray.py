@@ -21,9 +21,10 @@ from distft.errors import UserError
 
 
 class TrainingFailed(Exception):
-    def __init__(self, message: str, user_error: bool):
+    def __init__(self, message: str, user_error: bool, trace: str = ""):
         super().__init__(message)
         self.user_error = user_error
+        self.trace = trace  # the worker's traceback (a crash; never for a user error)
 
 
 def _worker_env() -> dict[str, str]:
@@ -38,12 +39,16 @@ def _worker_env() -> dict[str, str]:
     )
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' "Loading weights" bars (huggingface_hub's switch, which transformers
+    # follows): a bar redrawn with \r is noise in the log file and in --verbose
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return env
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config, quiet: bool = False) -> None:
     """Start the embedded Ray, or connect to `cluster.address` (bounded: no cluster there
-    is one line, exit 2, within seconds)."""
+    is one line, exit 2, within seconds). `quiet`: Ray's logging is left to
+    distft.console (no handler of Ray's own on the `ray` logger)."""
     import ray
 
     from distft.launch import resources
@@ -62,15 +67,20 @@ def init_ray(cfg: Config) -> None:
             include_dashboard=True,
             dashboard_host=cfg.cluster.dashboard_host,
             runtime_env=runtime_env,
-            log_to_driver=True,
-            configure_logging=True,
+            log_to_driver=True,  # distft.console takes the workers' lines from here
+            configure_logging=not quiet,
             logging_level=logging.WARNING,
         )
         return
     address = cfg.cluster.address
     resources.connect(
         address,
-        lambda: ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING),
+        lambda: ray.init(
+            address=address,
+            runtime_env=runtime_env,
+            configure_logging=not quiet,
+            logging_level=logging.WARNING,
+        ),
     )
 
 
@@ -253,5 +263,9 @@ def _explain(err: Exception) -> TrainingFailed:
         cause = getattr(exc, "cause", None) or exc
         if isinstance(cause, UserError):
             return TrainingFailed(str(cause).splitlines()[0], user_error=True)
-        return TrainingFailed(f"worker {rank} failed: {type(cause).__name__}: {cause}", False)
+        # Ray Train's message holds each failed worker's traceback
+        trace = str(err).rstrip()
+        return TrainingFailed(
+            f"worker {rank} failed: {type(cause).__name__}: {cause}", False, trace
+        )
     return TrainingFailed(str(err), user_error=False)
