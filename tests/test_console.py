@@ -334,3 +334,19 @@ def test_summary_of_a_run_dir(tmp_path: Path) -> None:
     assert foreign("\n".join(lines)) == []  # the allow-list knows the summary's shapes
     (final / "adapter_config.json").unlink()  # no model in final/: no load lines
     assert summary(tmp_path, 5, None, None) == [f"done in 5s: {tmp_path}", lines[1]]
+
+
+def test_a_crashed_workers_traceback_comes_with_the_failure() -> None:
+    """Ray Train's own failure (its message holds each failed worker's traceback): the
+    CLI prints `trace` before the `error:` line; a user error stays one line."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from distft.errors import UserError
+    from distft.launch.ray import _explain
+
+    trace = 'Traceback (most recent call last):\n  File "train.py", line 1\nRuntimeError: boom'
+    crashed = _explain(WorkerGroupError(f"[Rank 1]\n{trace}", {1: RuntimeError("boom")}))
+    assert str(crashed) == "worker 1 failed: RuntimeError: boom" and not crashed.user_error
+    assert trace in crashed.trace
+    refused = _explain(WorkerGroupError(f"[Rank 0]\n{trace}", {0: UserError("data: bad")}))
+    assert str(refused) == "data: bad" and refused.user_error and refused.trace == ""
