@@ -42,6 +42,7 @@ ALLOWED = [
         r"workers up: \d+ workers? on \d+ nodes?; all see the output dir",
         r"(preprocessed|cached) \S+: [\d,]+ samples, [\d,]+ tokens.*",
         r"data: .+",
+        r"deepspeed\.ds_config overrides generated keys: .+",
         rf"params: [\d,]+ trainable of [\d,]+ \({NUM}%\)",
         rf"ready in {NUM}s \(.+\); \d+ steps",
         r"model FLOPs/token \S+ \+ attention; MFU .+",
