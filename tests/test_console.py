@@ -68,6 +68,7 @@ def foreign(text: str) -> list[str]:
 # ------------------------------------------------------------------ real runs' console
 
 
+@pytest.mark.slow  # the `trained` runs
 def test_reference_runs_print_only_distft_lines(trained: dict[str, TrainedRun]) -> None:
     """The three reference runs (ZeRO-2/3, full and LoRA) through the real CLI: every
     stdout and stderr line is one of distft's shapes; the noise is in the log file."""
@@ -87,6 +88,7 @@ def test_reference_runs_print_only_distft_lines(trained: dict[str, TrainedRun]) 
         assert f"{kind}: {run.out / 'final'}; load it with:" in run.proc.stdout
 
 
+@pytest.mark.slow  # the `trained` runs
 @pytest.mark.parametrize("name", ["zero2_full", "zero3_lora"])
 def test_the_summary_snippet_loads_the_final_model(
     trained: dict[str, TrainedRun], name: str, tmp_path: Path
