@@ -31,8 +31,8 @@ demo: venv
 	set -o pipefail; $(DISTFT) train examples/tiny_demo.yaml | tee runs/tiny_demo.txt
 	set -o pipefail; $(DISTFT) train examples/tiny_demo_lora.yaml | tee runs/tiny_demo_lora.txt
 	@echo "== fine-tuning the pre-trained tiny model: eval loss before -> after =="
-	@echo "full: $$(grep ^done runs/tiny_demo.txt)"
-	@echo "LoRA: $$(grep ^done runs/tiny_demo_lora.txt)"
+	@echo "full fine-tuning:"; grep "^eval " runs/tiny_demo.txt | sed 's/^/  /'
+	@echo "LoRA:"; grep "^eval " runs/tiny_demo_lora.txt | sed 's/^/  /'
 
 test: venv cluster-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

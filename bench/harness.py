@@ -94,8 +94,8 @@ class DistftRun:
         return next(r["time"] for r in self.train_rows if r["step"] == step) - self.launched
 
 
-_READY = re.compile(r"\[distft\] ready in [\d.]+s \((.*?)\);")
-_COMMITTED = re.compile(r"\[distft\] checkpoint step_(\d+) committed: [\d.]+ MB in ([\d.]+)s")
+_READY = re.compile(r"(?:\[distft\] )?ready in [\d.]+s \((.*?)\);")
+_COMMITTED = re.compile(r"(?:\[distft\] )?checkpoint step_(\d+) committed: [\d.]+ MB in ([\d.]+)s")
 
 
 def write_config(cfg: dict[str, Any], workdir: Path) -> Path:

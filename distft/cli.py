@@ -7,14 +7,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
 from distft import config as config_mod
-from distft import rundir
+from distft import preempt, rundir
 from distft.errors import UserError
+
+if TYPE_CHECKING:
+    from distft.console import RunConsole
+    from distft.launch.ray import TrainingFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -103,55 +107,65 @@ def validate(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_
     )
 
 
+VERBOSE_OPT = typer.Option(
+    False, "--verbose", "-v", help="Show every worker's and library's output live."
+)
+
+
 @app.command()
-def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
+def train(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
     """Fine-tune: typed config -> Ray workers -> DeepSpeed -> checkpoints + final model."""
-    cfg = _load(config, overrides, train=True)
-    _check_output_dir(cfg)  # every check before config.yaml is written: a refusal
-    _check_resume(cfg)  # changes nothing
-    if done := rundir.finished(cfg):
-        out.print(done, markup=False)  # and nothing is written
-        return
-    _refuse_user_error(rundir.claim, cfg.output_dir)
-    config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
-    from distft import preempt
+    from distft import console as console_mod
+
+    with console_mod.session(verbose) as con:  # library logs: to the log file, from here
+        cfg = _load(config, overrides, train=True)
+        _check_output_dir(cfg)  # every check before config.yaml is written: a refusal
+        _check_resume(cfg)  # changes nothing
+        if done := rundir.finished(cfg):
+            out.print(done, markup=False)  # and nothing is written
+            return
+        _refuse_user_error(rundir.claim, cfg.output_dir)
+        config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
+        con.open_log(cfg.output_dir)
+        failed, preempted, wall = _run(cfg, con)
+    if failed is not None:
+        for line in failed.trace.splitlines():
+            err.print(line, markup=False)
+        _fail([str(failed)], EXIT_BAD_INPUT if failed.user_error else EXIT_FAILED)
+    if preempted:
+        err.print("preempted: checkpoint committed; rerun the same command to resume")
+        raise typer.Exit(preempt.EXIT_PREEMPTED)
+    from distft.console_lines import summary
+    from distft.report import write_report
+
+    report_path = write_report(cfg.output_dir)
+    for line in summary(cfg.output_dir, wall, report_path, con.log_path):
+        out.print(line, markup=False)
+
+
+def _run(cfg: config_mod.Config, con: RunConsole) -> tuple[TrainingFailed | None, bool, float]:
+    """Ray, the workers, the restarts: (the failure or None, preempted, seconds)."""
     from distft.launch.ray import TrainingFailed, init_ray, launch
 
     t0 = time.perf_counter()
     preempt.clear(cfg.output_dir)
-    _refuse_user_error(init_ray, cfg)  # before our signal handlers (ray.init installs its
-    # own SIGTERM handler); no Ray at cluster.address: one line, exit 2
+    _refuse_user_error(lambda c: init_ray(c, quiet=not con.verbose), cfg)  # before our
+    # signal handlers (ray.init installs its own SIGTERM handler); no Ray at
+    # cluster.address: one line, exit 2
+    con.take_worker_output()
+    failed = None
     with preempt.on_signal(cfg.output_dir) as signals:
         try:
-            launch(cfg, log=lambda line: err.print(f"warning: {line}", markup=False))
+            launch(cfg, log=con.warn)
         except TrainingFailed as e:
-            _fail([str(e)], EXIT_BAD_INPUT if e.user_error else EXIT_FAILED)
-    if signals:
+            failed = e
+    if signals and failed is None:
         preempt.clear(cfg.output_dir)
-        err.print("preempted: checkpoint committed; rerun the same command to resume")
-        raise typer.Exit(preempt.EXIT_PREEMPTED)
-    from distft.report import write_report
-
-    out.print(_summary(cfg, time.perf_counter() - t0), markup=False)
-    out.print(f"report: {write_report(cfg.output_dir)}", markup=False)
-
-
-def _summary(cfg: config_mod.Config, wall: float) -> str:
-    """One line from the run's metrics file (on shared storage for multi-node runs)."""
-    from distft.metrics import read_jsonl
-    from distft.report_plots import eval_series
-
-    rows = read_jsonl(cfg.output_dir / "metrics.jsonl")
-    parts = [f"done in {wall:.0f}s"]
-    for key, _ in eval_series(rows):
-        evals = [r[key] for r in rows if key in r]
-        name = key.removesuffix("/loss").replace("/", " ")  # eval, eval task
-        if len(evals) >= 2:
-            parts.append(f"{name} loss {evals[0]:.4f} -> {evals[-1]:.4f}")
-        else:
-            parts.append(f"{name} loss {evals[-1]:.4f}")
-    parts.append(f"output: {cfg.output_dir}")
-    return "; ".join(parts)
+    return failed, bool(signals) and failed is None, time.perf_counter() - t0
 
 
 @app.command()

@@ -29,6 +29,7 @@ import torch
 
 from distft import faults, watchdog
 from distft.config import Config
+from distft.console_lines import progress_line
 from distft.data import Batch, TrainBatches
 from distft.dist import DistContext
 from distft.flops import Throughput
@@ -70,7 +71,7 @@ def train(
     `on_step_end(step, metrics, any_rank_asked_to_stop)` (checkpoints, early stops) returns
     True to stop. Returns the last step's metrics."""
     world = dist.world_size
-    progress = _progress(dist, data.total_steps, cfg.logging.every_n_steps)
+    progress = _progress(dist, start_step, data.total_steps, cfg.logging.every_n_steps)
     perf = Throughput.for_run(cfg, engine.module, dist)  # FLOPs, MFU, memory
     engine.module.train()
     summary: dict[str, float] = {}
@@ -146,30 +147,13 @@ def _grad_norm(engine: Any, own_norm: float | None) -> float | None:
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 
-def _progress(dist: DistContext, total: int, every: int) -> Callable[[int, dict], None]:
-    """One progress line every `every` steps on rank 0 (readable in Ray, Slurm and CI
-    logs, where a redrawn bar is not)."""
+def _progress(dist: DistContext, start: int, total: int, every: int) -> Callable[[int, dict], None]:
+    """A progress line every `every` steps on rank 0 (distft.console_lines.progress_line;
+    the driver redraws it in place on a terminal)."""
     t0 = time.perf_counter()
-    width = len(str(total))
 
     def update(step: int, metrics: dict) -> None:
-        if step % every and step != total:
-            return
-        elapsed = time.perf_counter() - t0
-        done = step / total
-        eta = elapsed / max(done, 1e-9) * (1 - done) if step else 0.0
-        extra = "".join(
-            f" {_short(k)} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/")
-        )
-        dist.log(
-            f"step {step:>{width}}/{total} {100 * done:3.0f}% "
-            f"loss {metrics['train/loss']:.4f}{extra} lr {metrics['train/lr']:.2e} "
-            f"{metrics['train/tokens_per_s']:,.0f} tok/s eta {eta:.0f}s"
-        )
+        if step % every == 0 or step == total:
+            dist.log(progress_line(step, total, metrics, time.perf_counter() - t0, start))
 
     return update
-
-
-def _short(key: str) -> str:
-    """`eval/loss` -> `eval`, `eval/task/loss` -> `eval/task` (the progress line)."""
-    return key.removesuffix("/loss")

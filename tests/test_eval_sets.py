@@ -168,24 +168,3 @@ def test_report_plots_and_summarises_every_set(tmp_path: Path) -> None:
     page = write_report(run).read_text()
     assert "eval task loss (first → last)</th><td>5.0000 → 2.0000" in page
     assert "eval general loss (first → last)</th><td>1.5000 → 2.5000" in page
-
-
-def test_cli_summary_names_each_set(tmp_path: Path) -> None:
-    from distft.cli import _summary
-
-    cfg = config(tmp_path, train_files="t")
-    cfg.output_dir.mkdir()
-    (cfg.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    assert _summary(cfg, 12.0) == (
-        f"done in 12s; eval task loss 5.0000 -> 2.0000; eval general loss 1.5000 -> 2.5000; "
-        f"output: {cfg.output_dir}"
-    )
-
-
-def test_progress_line_shows_each_set(capsys: Any) -> None:
-    from distft.train import _progress
-
-    update = _progress(ONE, total=2, every=1)
-    metrics = {"train/loss": 3.0, "train/lr": 1e-3, "train/tokens_per_s": 10.0}
-    update(2, {**metrics, "eval/loss": 2.0, "eval/task/loss": 1.25})
-    assert " loss 3.0000 eval 2.0000 eval/task 1.2500 lr " in capsys.readouterr().out

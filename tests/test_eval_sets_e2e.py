@@ -46,8 +46,9 @@ def test_named_eval_sets_end_to_end(tiny: Any, tmp_path: Path) -> None:
     assert [h["eval/chat/loss"] for h in history] == [r["eval/chat/loss"] for r in evals[:-1]]
 
     text = proc.stdout + proc.stderr
-    assert re.search(r"step 4/8 .* eval [\d.]+ eval/same [\d.]+ eval/chat [\d.]+ lr", text)
-    assert re.search(r"eval loss [\d.]+ -> [\d.]+; eval same loss [\d.]+ -> [\d.]+; "
+    assert re.search(r"step 4/8 .* eval loss [\d.]+ eval same loss [\d.]+ eval chat loss [\d.]+ lr",
+                     text)  # fmt: skip
+    assert re.search(r"eval loss [\d.]+ -> [\d.]+\neval same loss [\d.]+ -> [\d.]+\n"
                      r"eval chat loss [\d.]+ -> [\d.]+", proc.stdout)  # fmt: skip
 
     model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()

@@ -21,9 +21,10 @@ from distft.errors import UserError
 
 
 class TrainingFailed(Exception):
-    def __init__(self, message: str, user_error: bool):
+    def __init__(self, message: str, user_error: bool, trace: str = ""):
         super().__init__(message)
         self.user_error = user_error
+        self.trace = trace  # the worker's traceback (a crash; never for a user error)
 
 
 _POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -44,12 +45,16 @@ def _worker_env() -> dict[str, str]:
     # Ray Train's controller polls its workers every 2 s by default: each start and the
     # end of every run wait for a poll. Polls are one small remote call per worker.
     env[_POLL_ENV] = os.environ.get(_POLL_ENV, "0.5")
+    # transformers' "Loading weights" bars (huggingface_hub's switch, which transformers
+    # follows): a bar redrawn with \r is noise in the log file and in --verbose
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return env
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config, quiet: bool = False) -> None:
     """Start the embedded Ray, or connect to `cluster.address` (bounded: no cluster there
-    is one line, exit 2, within seconds)."""
+    is one line, exit 2, within seconds). `quiet`: Ray's logging is left to
+    distft.console (no handler of Ray's own on the `ray` logger)."""
     import ray
 
     from distft.launch import resources
@@ -68,15 +73,20 @@ def init_ray(cfg: Config) -> None:
             include_dashboard=cfg.cluster.dashboard,
             dashboard_host=cfg.cluster.dashboard_host,
             runtime_env=runtime_env,
-            log_to_driver=True,
-            configure_logging=True,
+            log_to_driver=True,  # distft.console takes the workers' lines from here
+            configure_logging=not quiet,
             logging_level=logging.WARNING,
         )
         return
     address = cfg.cluster.address
     resources.connect(
         address,
-        lambda: ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING),
+        lambda: ray.init(
+            address=address,
+            runtime_env=runtime_env,
+            configure_logging=not quiet,
+            logging_level=logging.WARNING,
+        ),
     )
 
 
@@ -265,5 +275,9 @@ def _explain(err: Exception) -> TrainingFailed:
         cause = getattr(exc, "cause", None) or exc
         if isinstance(cause, UserError):
             return TrainingFailed(str(cause).splitlines()[0], user_error=True)
-        return TrainingFailed(f"worker {rank} failed: {type(cause).__name__}: {cause}", False)
+        # Ray Train's message holds each failed worker's traceback
+        trace = str(err).rstrip()
+        return TrainingFailed(
+            f"worker {rank} failed: {type(cause).__name__}: {cause}", False, trace
+        )
     return TrainingFailed(str(err), user_error=False)
