@@ -274,6 +274,12 @@ def make_tiny(
     root: Path = typer.Argument(..., help="Directory for the tiny model, tokenizer and data."),
 ) -> None:
     """Build the offline tiny Llama, tokenizer and synthetic dataset (demo and tests)."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Writing model shards"
+    # transformers imports DeepSpeed, which logs "Setting accelerator to CPU" as it loads
+    logging.getLogger("DeepSpeed").addFilter(lambda r: r.levelno >= logging.ERROR)
     from distft.assets import build_tiny_assets
 
     assets = build_tiny_assets(root)

@@ -59,7 +59,10 @@ def test_bad_config_one_line_per_problem_exit_2(tiny: Any, tmp_path: Path) -> No
     assert "error: deepspeed.zero_stage: Input should be 0, 1, 2 or 3 (got 7)" in joined
     assert "error: deepspeed.offload_param: Input should be 'none' or 'cpu' (got 'gpu')" in joined
     assert "error: optim.schedule: Input should be 'cosine', 'linear' or 'constant'" in joined
-    assert "error: model.flash: unknown key; allowed: add_special_tokens, attn_implementation" in joined
+    assert (
+        "error: model.flash: unknown key; allowed: add_special_tokens, attn_implementation"
+        in joined
+    )
 
 
 def test_bad_override_and_train_exit_2_without_starting_ray(tiny: Any, tmp_path: Path) -> None:
