@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 LOG_FILE = Path("logs") / "train.log"
 PREFIX = "[distft] "  # distft's own lines from the workers (distft.dist.DistContext.log)
-PROGRESS = re.compile(r"step +\d+/\d+ ")  # a progress line (distft.summary.progress_line)
+PROGRESS = re.compile(r"step +\d+/\d+ ")  # a progress line (distft.console_lines.progress_line)
 _RAY_PRINTER = "ray_print_logs"  # the handler name in ray._private.worker.connect
 _OURS = "distft_console"
 # Loggers that libraries give their own console handler (and no propagation): in quiet
