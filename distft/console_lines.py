@@ -10,16 +10,19 @@ from typing import Any
 
 
 def eval_loss_keys(keys: Any) -> list[str]:
-    """The eval losses among metric keys: `eval/loss` first, then every other
-    `eval/...loss` (named eval sets: `eval/<name>/loss`) in the order given (the
-    config's: the order they are evaluated and logged)."""
-    found = [k for k in dict.fromkeys(keys) if k.startswith("eval/") and k.endswith("loss")]
-    return sorted(found, key=lambda k: k != "eval/loss")
+    """The eval losses among metric keys, in the report's order
+    (`distft.report_plots.eval_series`: `eval/loss` first, then `eval/<name>/loss` in the
+    order given, the config's)."""
+    from distft.report_plots import eval_series
+
+    return [key for key, _ in eval_series([dict.fromkeys(keys)])]
 
 
 def eval_label(key: str) -> str:
     """`eval/loss` -> `eval loss`, `eval/code/loss` -> `eval code loss`."""
-    return key.replace("/", " ")
+    from distft.report_plots import eval_label as set_label
+
+    return f"{set_label(key)} loss"
 
 
 def duration(seconds: float) -> str:

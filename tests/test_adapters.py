@@ -19,6 +19,7 @@ from distft.fingerprint import fingerprint
 from distft.hf_folder import lora_names
 from distft.model import build_model, check_model, load_tokenizer
 from distft.neftune import attach, noise_scale, sample_lengths
+from distft.tolerance import Kind, assert_close
 
 TOOL, OTHER = "<|tool|>", "<|obs|>"
 
@@ -119,8 +120,8 @@ def test_lora_trains_the_new_rows_and_nothing_else_of_the_base(tiny: Any, tmp_pa
     ids = tool_ids(loaded_tok)
     with torch.no_grad():
         want, got = model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits
-    # the same fp32 weights recomputed by the same kernels: a few ulps at most
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # the same fp32 weights, the reloaded model's forward maybe blocked differently
+    assert_close(got, want, torch.float32, Kind.RECOMPUTED, "reloaded adapter logits")
 
 
 def test_modules_to_save_trains_and_saves_the_head(tiny: Any, tmp_path: Path) -> None:
