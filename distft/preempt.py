@@ -15,6 +15,7 @@ schedules nothing new on a draining node) instead of exiting 75.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -52,7 +53,7 @@ def drain_announced() -> str | None:
         info = context.get_train_context().preemption_context.preemption_info
         nodes = list(info.preempted_node_to_ranks) if info is not None else []
         deadline_ms = info.deadline_ms if info is not None else None
-    except Exception:
+    except (AttributeError, RuntimeError):  # another layout; no context in this process
         return None
     if not nodes:
         return None
@@ -68,12 +69,12 @@ def _describe_nodes(node_ids: list[str]) -> str:
     """The nodes by address and short id, e.g. `node 10.0.0.7 (1a2b3c4d)`; the id alone
     where Ray cannot say the address."""
     ips: dict[str, str] = {}
-    try:
+    with contextlib.suppress(ImportError):
         import ray
+        from ray.exceptions import RayError
 
-        ips = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes()}
-    except Exception:
-        pass
+        with contextlib.suppress(RayError, RuntimeError, OSError):  # GCS unreachable
+            ips = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes()}
     names = [f"{ips[n]} ({n[:8]})" if ips.get(n) else n[:8] for n in sorted(node_ids)]
     return ("node " if len(names) == 1 else "nodes ") + ", ".join(names)
 

@@ -288,8 +288,8 @@ def _ray_exception_queue() -> Any:
         from ray.train.v2._internal.execution.context import get_train_context
 
         return get_train_context().execution_context.training_thread_runner.get_exception_queue()
-    except Exception:
-        return None
+    except (ImportError, AttributeError, RuntimeError):  # no Ray Train v2 / another layout /
+        return None  # not in a worker (RuntimeError: "TrainContext has not been initialized")
 
 
 def _ray_error(error: HangError) -> Any:
