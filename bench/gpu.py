@@ -124,7 +124,8 @@ def run_distft(args: argparse.Namespace, root: Path, model: Path, data: Path, na
                "max_steps": args.warmup + args.steps},
         deepspeed={"zero_stage": 2, "precision": "bf16" if gpu else "fp32"},
         cluster={"num_workers": 1, "gpus_per_worker": 1 if gpu else 0},
-        logging={"peak_tflops": args.peak_tflops, "wandb": {"mode": "offline"}},
+        logging={"peak_tflops": args.peak_tflops,
+                 "wandb": {"mode": "disabled" if gpu else "offline"}},  # no W&B on the GPU image
     )  # fmt: skip
     for section, values in CONFIGS[name].items():
         cfg.setdefault(section, {}).update(values)

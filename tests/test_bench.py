@@ -160,9 +160,12 @@ def test_bench_rejects_an_unknown_suite() -> None:
 
 @pytest.mark.slow
 def test_gpu_script_runs_tiny_on_cpu_and_prints_its_table(tmp_path: Path) -> None:
-    """Both systems, all three configurations, through distft's CLI and HF Trainer."""
+    """Both systems through distft's CLI and HF Trainer, on the LoRA configuration (the one
+    with most parts: adapters, their FLOP count); `full` and `full_ckpt` differ from it only
+    in the sections they set, and ran on the H200 (BENCHMARKS.md)."""
     proc = subprocess.run(
-        [sys.executable, "bench/gpu.py", "--tiny", "--out", str(tmp_path), "--peak-tflops", "1"],
+        [sys.executable, "bench/gpu.py", "--tiny", "--out", str(tmp_path), "--peak-tflops", "1",
+         "--configs", "lora"],
         cwd=REPO, capture_output=True, text=True, timeout=1200, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -172,7 +175,7 @@ def test_gpu_script_runs_tiny_on_cpu_and_prints_its_table(tmp_path: Path) -> Non
     ]  # fmt: skip
     body = [[c.strip() for c in r] for r in rows[1:]]
     assert [(r[0], r[1]) for r in body] == [
-        (c, s) for c in ("full", "full_ckpt", "lora") for s in ("distft", "hf")
+        ("lora", "distft"), ("lora", "hf")
     ]
     for _, system, tok_s, mfu, mem, step_s, vs in body:
         assert float(tok_s.replace(",", "")) > 100
