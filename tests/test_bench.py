@@ -174,9 +174,7 @@ def test_gpu_script_runs_tiny_on_cpu_and_prints_its_table(tmp_path: Path) -> Non
         "config", "system", "tokens/s", "MFU", "peak mem GiB", "s/step", "vs HF",
     ]  # fmt: skip
     body = [[c.strip() for c in r] for r in rows[1:]]
-    assert [(r[0], r[1]) for r in body] == [
-        ("lora", "distft"), ("lora", "hf")
-    ]
+    assert [(r[0], r[1]) for r in body] == [("lora", "distft"), ("lora", "hf")]
     for _, system, tok_s, mfu, mem, step_s, vs in body:
         assert float(tok_s.replace(",", "")) > 100
         assert re.fullmatch(r"\d+\.\d%", mfu) and 0 < float(mfu[:-1]) < 100
