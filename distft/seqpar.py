@@ -28,6 +28,8 @@ the step's losses over all ranks (the loop's metrics all-reduce) gives the unspl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,6 +41,9 @@ from distft.data.loader import resolve_batching
 from distft.data.store import Split
 from distft.dist import DistContext
 from distft.objective import shifted_targets
+
+# The attention functions Ulysses replaced in transformers' registry, by implementation.
+_PLAIN: dict[str, Callable[..., Any]] = {}
 
 
 def rows_per_batch(cfg: Config) -> int:
@@ -125,12 +130,33 @@ def register(model: torch.nn.Module, cfg: Config, dist: DistContext) -> Any:
     if dist.sp_size == 1:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     hf_config: Any = model.config  # a PreTrainedModel's (a PEFT model forwards it)
+    attn = hf_config._attn_implementation
+    _PLAIN.setdefault(attn, ALL_ATTENTION_FUNCTIONS[attn])
     return UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model,
-        core_attn_implementation=hf_config._attn_implementation,
+        core_attn_implementation=attn,
         sequence_parallel_size=dist.sp_size,
         micro_batch_size=rows_per_batch(cfg),
         seq_length_is_variable=True,
     )
+
+
+@contextmanager
+def whole_sequences() -> Iterator[None]:
+    """While active, attention is the plain kernel again: each rank runs whole sequences
+    on its own (the export's check of the saved weights against the engine). Ulysses
+    works by replacing the kernel in transformers' registry (`register_with_transformers`),
+    so putting the original back is the whole switch."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ulysses = {name: ALL_ATTENTION_FUNCTIONS[name] for name in _PLAIN}
+    for name, fn in _PLAIN.items():
+        ALL_ATTENTION_FUNCTIONS[name] = fn
+    try:
+        yield
+    finally:
+        for name, fn in ulysses.items():
+            ALL_ATTENTION_FUNCTIONS[name] = fn

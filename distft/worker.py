@@ -123,5 +123,6 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         with watchdog.phase("save", state.step):
             ckpts.save(engine, state)
             if cfg.checkpoint.save_final_model:
-                save_final(engine, tokenizer, cfg, dist)
+                with seqpar.whole_sequences():  # its check runs whole probe sequences
+                    save_final(engine, tokenizer, cfg, dist)
     logger.close()
