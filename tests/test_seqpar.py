@@ -166,7 +166,7 @@ def _long_batch() -> Batch:
 def _rank(rank: int, port: int, out: str) -> None:
     import deepspeed
 
-    from distft.seqpar import register
+    from distft.seqpar import register, whole_sequences
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -186,7 +186,9 @@ def _rank(rank: int, port: int, out: str) -> None:
     loss = nll_sum(model, part)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    torch.save({"loss": loss.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
+    with torch.no_grad(), whole_sequences():  # the plain kernel: whole sequences per rank
+        whole = nll_sum(model, _long_batch())
+    torch.save({"loss": loss.detach(), "grads": grads, "whole": whole}, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -222,6 +224,8 @@ def test_split_loss_and_gradients_equal_the_whole_sequence(tmp_path: Path) -> No
     assert min(float(g["loss"]) for g in got) > 0  # both slices hold targets
     # The same per-token terms, summed in two groups and added: reassociated in fp32.
     assert_close(got[0]["loss"] + got[1]["loss"], want.detach(), torch.float32, Kind.REASSOCIATED)
+    for g in got:  # outside Ulysses each rank computes the whole batch (same function)
+        assert_close(g["whole"], want.detach(), torch.float32, Kind.RECOMPUTED, "whole")
     for name, p in model.named_parameters():
         total = got[0]["grads"][name] + got[1]["grads"][name]
         assert_close(total, p.grad, torch.float32, Kind.REASSOCIATED, name)
