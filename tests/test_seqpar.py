@@ -176,6 +176,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE="2",
     )
+    torch.set_num_threads(1)  # two processes on a shared machine: no oversubscription
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     dist = DistContext(rank, 2, rank, torch.device("cpu"), sp_size=2)
     model = _model()
@@ -212,6 +213,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow  # two processes importing DeepSpeed and transformers
 def test_split_loss_and_gradients_equal_the_whole_sequence(tmp_path: Path) -> None:
     """Two ranks, each holding half of every sequence, through Ulysses' all-to-alls:
     their NLL sums add up to the whole batch's, and their gradients (DeepSpeed sums them
