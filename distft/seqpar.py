@@ -40,6 +40,7 @@ from distft.data import IGNORE, Batch, TrainBatches, eval_batches
 from distft.data.loader import resolve_batching
 from distft.data.store import Split
 from distft.dist import DistContext
+from distft.errors import UserError
 from distft.objective import shifted_targets
 
 # The attention functions Ulysses replaced in transformers' registry, by implementation.
@@ -121,6 +122,24 @@ def eval_set(split: Split, cfg: Config, dist: DistContext, pad_id: int) -> list[
     rows = rows_per_batch(cfg)
     whole = eval_batches(split, rows, dist.data_view(), pad_id)
     return [shard(b, dist.sp_size, dist.sp_rank, pad_id, rows) for b in whole]
+
+
+def check_model(hf_config: Any, attn: str, sp_size: int) -> None:
+    """Driver side, before Ray starts: what Ulysses would refuse on the workers. Raises
+    UserError (one line) when the model's attention cannot be split over `sp_size` ranks."""
+    if sp_size == 1:
+        return
+    key = f"deepspeed.sequence_parallel_size: {sp_size}"
+    if attn == "eager":
+        raise UserError(f"{key} needs sdpa or flash_attention_2; the model resolved to eager")
+    text = hf_config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if heads % sp_size or (kv % sp_size and sp_size % kv):
+        raise UserError(
+            f"{key} must divide the model's {heads} attention heads, and its {kv} key/value "
+            "heads must divide by it or it by them (Ulysses splits the heads over the ranks)"
+        )
 
 
 def register(model: torch.nn.Module, cfg: Config, dist: DistContext) -> Any:

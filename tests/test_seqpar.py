@@ -127,6 +127,26 @@ def test_bad_combinations_get_one_line(
     assert message in str(err.value).splitlines()[0] or message in str(err.value)
 
 
+def test_heads_that_do_not_split_are_refused_before_ray(tiny: Any, tmp_path: Path) -> None:
+    from distft.errors import UserError
+    from distft.model import check_model
+
+    def cfg(sp: int) -> Any:
+        raw = tiny_config(tiny, tmp_path / "run", deepspeed={"sequence_parallel_size": sp})
+        raw["cluster"]["num_workers"] = sp
+        return from_dict(raw)
+
+    resolved, _ = check_model(cfg(4), local_only=True)  # 4 heads, 2 KV heads: 4 splits
+    assert resolved is not None and resolved.model.attn_implementation == "sdpa"
+    with pytest.raises(UserError) as err:
+        check_model(cfg(8), local_only=True)
+    assert str(err.value) == (
+        "deepspeed.sequence_parallel_size: 8 must divide the model's 4 attention heads, and "
+        "its 2 key/value heads must divide by it or it by them (Ulysses splits the heads "
+        "over the ranks)"
+    )
+
+
 def test_size_must_be_positive(tiny: Any, tmp_path: Path) -> None:
     cfg = tiny_config(tiny, tmp_path / "run", deepspeed={"sequence_parallel_size": 0})
     with pytest.raises(ConfigError, match="deepspeed.sequence_parallel_size"):
