@@ -17,10 +17,35 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    sp_size: int = 1  # ranks that split each sequence (deepspeed.sequence_parallel_size)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    # Sequence parallelism: consecutive ranks [g*sp, (g+1)*sp) form sequence-parallel group
+    # g (DeepSpeed's parallel_state_sp builds the same groups); group g is data-parallel
+    # rank g and reads one share of the data, each of its ranks one slice of every sequence.
+    @property
+    def dp_world_size(self) -> int:
+        """Data-parallel ranks: the groups that read distinct batches."""
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's slice of each sequence."""
+        return self.rank % self.sp_size
+
+    def data_view(self) -> DistContext:
+        """The context the data layout sees: one rank per data-parallel group (with
+        sequence parallelism off, this context itself)."""
+        if self.sp_size == 1:
+            return self
+        return DistContext(self.dp_rank, self.dp_world_size, self.local_rank, self.device)
 
     def log(self, message: str) -> None:
         """One line on rank 0's stdout, nothing elsewhere. Written to the stream directly:
@@ -52,7 +77,7 @@ def _prefer_own_ninja() -> None:
             os.environ["PATH"] = f"{own}{os.pathsep}{path}"
 
 
-def init(use_gpu: bool) -> DistContext:
+def init(use_gpu: bool, sp_size: int = 1) -> DistContext:
     """Join the process group that Ray Train set up and hand it to DeepSpeed.
 
     Ray Train's TorchTrainer has already called `init_process_group` (gloo on CPU, nccl on
@@ -82,4 +107,8 @@ def init(use_gpu: bool) -> DistContext:
     deepspeed.init_distributed(
         dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False, verbose=False
     )
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    if world % sp_size:
+        raise ValueError(
+            f"deepspeed.sequence_parallel_size: {sp_size} does not divide the {world} ranks"
+        )
+    return DistContext(rank, world, local_rank, device, sp_size)

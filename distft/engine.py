@@ -30,7 +30,9 @@ _STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 
 def build_ds_config(cfg: Config, world_size: int) -> tuple[dict[str, Any], list[str]]:
     """Pure: the DeepSpeed config dict for this run, and the dotted keys that the user's
-    raw cfg.deepspeed.ds_config overrode (deep-merged on top of the generated dict)."""
+    raw cfg.deepspeed.ds_config overrode (deep-merged on top of the generated dict).
+    `world_size`: the data-parallel ranks (all ranks / deepspeed.sequence_parallel_size),
+    the size DeepSpeed checks `train_batch_size` against."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1 (got {world_size})")
     ds, batch, optim = cfg.deepspeed, cfg.batch, cfg.optim
@@ -181,9 +183,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def create_engine(
-    model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], total_steps: int
+    model: torch.nn.Module,
+    cfg: Config,
+    ds_config: dict[str, Any],
+    total_steps: int,
+    mpu: Any = None,
 ) -> deepspeed.DeepSpeedEngine:
-    """`deepspeed.initialize` with our optimizer (or the config's) and lr schedule.
+    """`deepspeed.initialize` with our optimizer (or the config's) and lr schedule. `mpu`:
+    the sequence-parallel groups (`distft.seqpar.register`); DeepSpeed then reduces
+    gradients and partitions ZeRO states over all ranks and averages over the data-parallel
+    ones (`build_ds_config` gets their number).
 
     Needs the process group up (`deepspeed.init_distributed`) before it is called.
     """
@@ -202,5 +211,6 @@ def create_engine(
         optimizer=optimizer,
         model_parameters=groups if optimizer is None else None,
         lr_scheduler=make_lr_scheduler(optim, total_steps),
+        mpu=mpu,
     )
     return engine

@@ -45,7 +45,7 @@ def fingerprint(cfg: Config) -> dict[str, str]:
 
     d = cfg.redacted()
     batch = {
-        "layout": step_layout(cfg, cfg.cluster.num_workers),
+        "layout": step_layout(cfg, cfg.cluster.num_workers // cfg.deepspeed.sequence_parallel_size),
         "epochs": cfg.batch.epochs,
         "max_steps": cfg.batch.max_steps,
     }

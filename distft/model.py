@@ -69,6 +69,9 @@ def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str
         ) from None
     check_positions(cfg.data.max_seq_len, config)
     attn = pick_attention(cfg, type(model))
+    from distft import seqpar  # lazy: seqpar reaches the data layer
+
+    seqpar.check_model(config, attn, cfg.deepspeed.sequence_parallel_size)
     lines = [f"attention: {attn}" + (" (auto)" if cfg.model.attn_implementation == "auto" else "")]
     model_section = cfg.model.model_copy(update={"attn_implementation": attn})
     resolved = cfg.model_copy(update={"model": model_section}, deep=True)

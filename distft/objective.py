@@ -58,7 +58,7 @@ def rows_of(head: torch.nn.Module | None, keep: torch.Tensor) -> Iterator[bool]:
 
 def nll_sum(model: Any, batch: Batch) -> torch.Tensor:
     """Summed NLL of the batch's target tokens (a scalar that back-propagates)."""
-    targets = shifted_targets(batch.labels)
+    targets = shifted_targets(batch.labels) if batch.shift_labels is None else batch.shift_labels
     keep = targets != IGNORE
     with rows_of(output_head(model), keep) as selected:
         logits = model(**batch.model_inputs()).logits  # ids, mask, position ids (packed)

@@ -12,6 +12,9 @@ Loss normalisation (per optimizer step, over *global* target tokens):
     batch order is a pure function of (seed, epoch, step), so every rank sums the targets
     of every rank's samples (`TrainBatches.step_totals`). A padded or short micro-batch
     therefore weighs exactly its token count, whatever the (micro x accum x world) split.
+    With sequence parallelism W is the data-parallel size (all ranks / P): DeepSpeed sums
+    gradients over all ranks and divides by W, each rank's S_rj covers its slice of the
+    sequences, and the slices' sums add up to the whole sequences' (`distft.seqpar`).
 
 Communication per step beyond DeepSpeed's own: one all-reduce after the optimizer step
 (loss for the metrics, each rank's peak memory, and the vote to stop). Each step and
@@ -70,7 +73,7 @@ def train(
     rank's wish to stop (preemption), agreed on in the step's all-reduce;
     `on_step_end(step, metrics, any_rank_asked_to_stop)` (checkpoints, early stops) returns
     True to stop. Returns the last step's metrics."""
-    world = dist.world_size
+    world = dist.dp_world_size  # what DeepSpeed divides the summed gradients by
     progress = _progress(dist, start_step, data.total_steps, cfg.logging.every_n_steps)
     perf = Throughput.for_run(cfg, engine.module, dist)  # FLOPs, MFU, memory
     engine.module.train()

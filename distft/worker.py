@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from distft import dist as distmod
-from distft import preempt, watchdog
+from distft import preempt, seqpar, watchdog
 from distft.checkpoint import CheckpointCoordinator, TrainState
 from distft.config import Config
-from distft.data import TrainBatches, describe, eval_batches, prepare
+from distft.data import describe, prepare
 from distft.engine import build_ds_config, create_engine
 from distft.export import save_final
 from distft.fingerprint import fingerprint
@@ -33,23 +33,23 @@ def seed_everything(seed: int) -> None:
 def run_worker(train_loop_config: dict[str, Any]) -> None:
     cfg: Config = train_loop_config["config"]
     t_start = time.perf_counter()
-    dist = distmod.init(cfg.cluster.use_gpu)
+    dist = distmod.init(cfg.cluster.use_gpu, cfg.deepspeed.sequence_parallel_size)
     laps = [("dist init", time.perf_counter())]  # start-up phases, for the "ready" line
     restarts = preflight(cfg.output_dir, dist, train_loop_config.get("launch_id"))
     laps.append(("preflight", time.perf_counter()))
     seed_everything(cfg.seed)
 
-    ds_config, overridden = build_ds_config(cfg, dist.world_size)
+    ds_config, overridden = build_ds_config(cfg, dist.dp_world_size)
     if overridden:
         dist.log(f"deepspeed.ds_config overrides generated keys: {', '.join(overridden)}")
     tokenizer = load_tokenizer(cfg)
     data = prepare(cfg, tokenizer, dist)  # the preprocessing cache; one builder per node
-    batches = TrainBatches(data.train, cfg, dist, tokenizer.pad_token_id)
+    batches = seqpar.train_batches(data.train, cfg, dist, tokenizer.pad_token_id)
     data_stats, data_lines = describe(data, batches)
     for line in data_lines:
         dist.log(line)
     evals = {  # by metric key; the first is the one keep_best ranks by
-        key: eval_batches(split, cfg.eval.micro_batch_size, dist, tokenizer.pad_token_id)
+        key: seqpar.eval_set(split, cfg, dist, tokenizer.pad_token_id)
         for key, split in data.eval_sets().items()
     }
     best_key = next(iter(evals), None)
@@ -59,7 +59,8 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     laps.append(("model", time.perf_counter()))
     trainable, total = count_params(model)
     dist.log(f"params: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
-    engine = create_engine(model, cfg, ds_config, batches.total_steps)
+    mpu = seqpar.register(model, cfg, dist)  # None without sequence parallelism
+    engine = create_engine(model, cfg, ds_config, batches.total_steps, mpu)
     laps.append(("deepspeed", time.perf_counter()))
 
     ckpts = CheckpointCoordinator(
@@ -122,5 +123,6 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         with watchdog.phase("save", state.step):
             ckpts.save(engine, state)
             if cfg.checkpoint.save_final_model:
-                save_final(engine, tokenizer, cfg, dist)
+                with seqpar.whole_sequences():  # its check runs whole probe sequences
+                    save_final(engine, tokenizer, cfg, dist)
     logger.close()

@@ -134,6 +134,11 @@ class DeepSpeedConfig(_Section):
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"
     precision: Precision = Precision.bf16
+    sequence_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Ranks that split each sequence (Ulysses); must divide cluster.num_workers.",
+    )
     ds_config: dict[str, Any] = Field(
         default_factory=dict, description="Raw DeepSpeed keys; override generated ones."
     )
@@ -299,6 +304,7 @@ class Config(_Section):
                 "deepspeed.precision: 'fp16' is not supported on CPU workers "
                 "(cluster.gpus_per_worker is 0); use 'bf16' or 'fp32'"
             )
+        problems += self._sequence_parallel_problems()
         for tracker in (self.logging.mlflow, self.logging.tensorboard):
             if missing := tracker.missing_package():
                 problems.append(missing)
@@ -317,6 +323,31 @@ class Config(_Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _sequence_parallel_problems(self) -> list[str]:
+        """Ulysses attention (distft.seqpar) discards attention masks and rebuilds causal
+        attention from position ids over the whole sequence: it needs a kernel that masks
+        causally by itself (not eager), and packed rows only with flash_attention_2 (the
+        varlen kernel separates samples by their position ids; SDPA would let them see
+        each other). Its shapes are fixed per micro-batch row count, which length-grouped
+        batches vary."""
+        sp, key = self.deepspeed.sequence_parallel_size, "deepspeed.sequence_parallel_size"
+        if sp == 1:
+            return []
+        out = []
+        if self.cluster.num_workers % sp:
+            out.append(f"{key}: {sp} must divide cluster.num_workers ({self.cluster.num_workers})")
+        attn, batching = self.model.attn_implementation, self.data.batching
+        if attn == "eager":
+            out.append(f"{key}: {sp} needs model.attn_implementation sdpa or flash_attention_2")
+        if batching == "length_grouped":
+            out.append(f"{key}: {sp} needs data.batching padded, packed or auto")
+        elif batching == "packed" and attn != "flash_attention_2":
+            out.append(
+                f"{key}: {sp} with data.batching packed needs model.attn_implementation "
+                f"flash_attention_2 (got {attn}); use data.batching padded"
+            )
+        return out
 
     @property
     def output_dir(self) -> Path:

@@ -69,10 +69,16 @@ class Batch:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None = None  # packed rows: restart at 0 per sample
     n_tokens: int = 0  # real (non-pad) tokens
+    # A slice of longer sequences (distft.seqpar): the token each position predicts, taken
+    # from the whole sequence before it was split (a slice's last position predicts the
+    # next slice's first token). None: the labels moved one left.
+    shift_labels: torch.Tensor | None = None
 
     @property
     def n_targets(self) -> int:
         """Tokens that contribute to the loss (labels are shifted by one)."""
+        if self.shift_labels is not None:
+            return int((self.shift_labels != IGNORE).sum())
         return int((self.labels[:, 1:] != IGNORE).sum())
 
     def model_inputs(self) -> dict[str, torch.Tensor | bool]:
@@ -96,6 +102,7 @@ class Batch:
             move(self.attention_mask),
             move(self.position_ids),
             self.n_tokens,
+            move(self.shift_labels),
         )
 
 
@@ -151,9 +158,12 @@ def resolve_batching(cfg: Config) -> str:
     batches (little padding, and right padding needs no mask, so SDPA stays on its fast
     causal path) beat packing, whose 4-D mask takes SDPA off that path, and padding. GPU,
     not measured yet: with flash-attention, packing (varlen kernel, no padding, no
-    cross-sample attention); without it, length grouping, for SDPA's mask-free kernels."""
+    cross-sample attention); without it, length grouping, for SDPA's mask-free kernels.
+    Sequence parallelism: packing with flash-attention, else padding (fixed row count)."""
     if cfg.data.batching != "auto":
         return cfg.data.batching
+    if cfg.deepspeed.sequence_parallel_size > 1:  # see Config._sequence_parallel_problems
+        return "packed" if cfg.model.attn_implementation == "flash_attention_2" else "padded"
     if cfg.cluster.use_gpu and cfg.model.attn_implementation == "flash_attention_2":
         return "packed"
     return "length_grouped"

@@ -27,8 +27,9 @@ def preprocess(cfg: Config, log: Callable[[str], None]) -> dict[str, float]:
     for line in source_lines(reused):
         log(f"cached {line}")
     splits = load(cfg, tokenizer)
-    # Only the world size matters for the batch layout; rank 0 stands in for all ranks.
-    world = DistContext(0, cfg.cluster.num_workers, 0, torch.device("cpu"))
+    # Only the data-parallel size matters for the batch layout; rank 0 stands in for all.
+    data_parallel = cfg.cluster.num_workers // cfg.deepspeed.sequence_parallel_size
+    world = DistContext(0, data_parallel, 0, torch.device("cpu"))
     batches = TrainBatches(splits.train, cfg, world, tokenizer.pad_token_id)
     metrics, lines = describe(splits, batches)
     for line in lines:
