@@ -169,6 +169,49 @@ def _run(cfg: config_mod.Config, con: RunConsole) -> tuple[TrainingFailed | None
 
 
 @app.command()
+def plan(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="Per GPU, e.g. 80GiB."),
+    host_memory: str | None = typer.Option(None, "--host-memory", help="Per rank, e.g. 200GiB."),
+    as_json: bool = typer.Option(False, "--json", help="The same figures as JSON."),
+) -> None:
+    """Memory per rank (model states, activations, DeepSpeed buffers, host RAM) from the
+    config and the model's config.json; whether it fits and the cheapest change that does."""
+    import json
+
+    from distft.hf_folder import parse_size
+    from distft.plan import make_plan
+    from distft.plan import report as plan_report
+
+    try:
+        cfg = config_mod.resolve_paths(config_mod.load(config, overrides or []))
+        gpu = None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory")
+        host = None if host_memory is None else parse_size(host_memory, "--host-memory")
+        result = _plan_of(cfg, make_plan)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+    if as_json:
+        out.print(json.dumps(plan_report.as_json(result, gpu, host), indent=2), markup=False)
+        return
+    for line in plan_report.table(result, gpu, host):
+        out.print(line, markup=False)
+
+
+def _plan_of(cfg: config_mod.Config, make: Callable[[config_mod.Config], T]) -> T:
+    """The plan, or one line when the model's config.json is not here (the planner reads
+    a local folder or the hub cache; it downloads nothing)."""
+    try:
+        return make(cfg)
+    except (OSError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model.name_or_path: cannot read the config of {cfg.model.name_or_path} here "
+            f"({why}); the planner needs a local folder or a cached hub model"
+        ) from None
+
+
+@app.command()
 def preprocess(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Tokenize the data into the preprocessing cache ahead of training (no Ray, no GPU)."""
     from distft.data.preprocess import preprocess as build_cache
