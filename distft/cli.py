@@ -179,7 +179,10 @@ def plan(
     """Memory per rank (model states, activations, DeepSpeed buffers, host RAM) from the
     config and the model's config.json; whether it fits and the cheapest change that does."""
     import json
+    import logging
 
+    # DeepSpeed logs "Setting accelerator to CPU" to stdout as it loads: not into the JSON
+    logging.getLogger("DeepSpeed").addFilter(lambda r: r.levelno >= logging.ERROR)
     from distft.hf_folder import parse_size
     from distft.plan import make_plan
     from distft.plan import report as plan_report

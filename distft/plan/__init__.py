@@ -6,10 +6,8 @@ function of the config, the model's config.json and DeepSpeed's config
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 from distft.config import Config, Precision
-from distft.plan.activations import Activations, activations
+from distft.plan.activations import Activations, activations, materialised_mask
 from distft.plan.shape import ModelShape, model_shape
 from distft.plan.states import States, deepspeed_estimate, states
 
@@ -64,16 +62,6 @@ def resolved_attention(cfg: Config) -> str:
     return "flash_attention_2" if gpu16 else "sdpa"
 
 
-def _masked(cfg: Config, config_json: Any, attention: str) -> bool:
-    """Whether sdpa gets a materialised mask: sliding windows or packed sequences."""
-    if attention != "sdpa":
-        return False
-    window = getattr(config_json, "sliding_window", None) is not None and getattr(
-        config_json, "use_sliding_window", True
-    )
-    return bool(window) or cfg.data.batching == "packed"
-
-
 def make_plan(
     cfg: Config,
     shape: ModelShape | None = None,
@@ -94,7 +82,8 @@ def make_plan(
     attention = resolved_attention(cfg)
     e = 4 if cfg.deepspeed.precision == Precision.fp32 else 2
     try:
-        masked = _masked(cfg, hf_config(cfg, local_only=True), attention)
+        packed = cfg.data.batching == "packed"
+        masked = materialised_mask(hf_config(cfg, local_only=True), attention, packed)
     except (OSError, ValueError):
         masked = False
     acts = activations(

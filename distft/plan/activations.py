@@ -48,6 +48,17 @@ def _norm(h: int, e: int) -> int:
     return FP32 * h + FP32 + 2 * e * h  # fp32 input, rsqrt, input and output in 16 bits
 
 
+def materialised_mask(config: object, attention: str, packed: bool) -> bool:
+    """Whether sdpa gets a (1, 1, s, s) mask: a sliding window or packed sequences
+    (flash-attention takes neither as a matrix, eager's is counted with its softmax)."""
+    if attention != "sdpa":
+        return False
+    window = getattr(config, "sliding_window", None) is not None and getattr(
+        config, "use_sliding_window", True
+    )
+    return bool(window) or packed
+
+
 def norms_per_layer(model_type: str) -> int:
     """Gemma-2/3 norm the attention and MLP outputs too (4 per layer)."""
     return 4 if model_type in ("gemma2", "gemma3", "gemma3_text") else 2

@@ -108,8 +108,10 @@ def states(shape: ModelShape, ds: dict[str, Any], world: int) -> States:
             dev["gradients"] = e * part.grads
     else:
         dev["gradients"] = e * part.grads
-        # the optimizer step reads fp32 gradients of the partition (a transient copy)
-        dev["fp32 gradients at step"] = FP32 * (part.master if part.master else 0)
+        # the optimizer step reads fp32 gradients of the partition (a transient copy;
+        # ZeRO-3: one sub-group of `sub_group_size` elements at a time)
+        step = part.master if stage < 3 else min(part.master, int(zero.get("sub_group_size", 10**9)))
+        dev["fp32 gradients at step"] = FP32 * step
     if stage in (1, 2) and zero.get("contiguous_gradients", True):
         buckets = 2 if zero.get("overlap_comm", False) else 1
         dev["reduce buckets"] = buckets * e * int(zero.get("reduce_bucket_size", 500_000_000))
