@@ -42,8 +42,14 @@ def tiny_model() -> Any:
     # hidden 63 and intermediate 97: odd-sized norms and MLP weights, so that ZeRO-1/2's
     # group alignment and ZeRO-3's per-parameter padding are both exercised
     config = LlamaConfig(
-        hidden_size=63, intermediate_size=97, num_hidden_layers=2, num_attention_heads=3,
-        num_key_value_heads=1, head_dim=16, vocab_size=517, max_position_embeddings=64,
+        hidden_size=63,
+        intermediate_size=97,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=517,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32), config
@@ -54,7 +60,9 @@ def measured(engine: Any, model: Any) -> dict[str, int | None]:
     opt = engine.optimizer
     basic = getattr(opt, "optimizer", opt)
     moments = sum(
-        t.numel() for st in basic.state.values() for t in st.values()
+        t.numel()
+        for st in basic.state.values()
+        for t in st.values()
         if torch.is_tensor(t) and t.dim() > 0  # exp_avg, exp_avg_sq (not `step`)
     )
     params = list(model.parameters())

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from distft.archs import FAMILIES
@@ -50,13 +51,24 @@ def test_model_states_equal_what_deepspeed_allocates() -> None:
     port, procs = str(_port()), []
     for rank in (0, 1):
         env = dict(
-            os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=str(REPO),
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            PYTHONPATH=str(REPO),
         )
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "plan_ranks.py")], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "plan_ranks.py")],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         outputs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -87,7 +99,9 @@ def saved_bytes(family: str, seq: int, attention: str, checkpointing: bool) -> i
     config = FAMILIES[family]()
     config.vocab_size = 518
     torch.manual_seed(0)
-    model = AutoModel.from_config(config, dtype=torch.bfloat16, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16, attn_implementation=attention
+    )
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,9 +121,6 @@ def saved_bytes(family: str, seq: int, attention: str, checkpointing: bool) -> i
             logits = model(input_ids=ids).logits
         F.cross_entropy(logits.float(), ids[keep], reduction="sum")
     return sum(seen.values())
-
-
-from transformers import AutoModelForCausalLM as AutoModel  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -132,8 +143,13 @@ def test_activations_within_15_percent_of_saved(
     config = FAMILIES[family]()
     config.vocab_size = 518
     planned = activations(
-        dims_of(config), e=2, attention=attention, seq=seq, micro_batch=1,
-        checkpointing=checkpointing, masked=materialised_mask(config, attention, packed=False),
+        dims_of(config),
+        e=2,
+        attention=attention,
+        seq=seq,
+        micro_batch=1,
+        checkpointing=checkpointing,
+        masked=materialised_mask(config, attention, packed=False),
     ).held
     measured = saved_bytes(family, seq, attention, checkpointing)
     # 15%: the bound; dense families match to the byte, MoE within ~10% (the
@@ -165,8 +181,12 @@ def plan_cli(*args: str) -> Any:
 def test_every_big_example_gets_an_answer(example: str) -> None:
     model = MODELS / EXAMPLE_MODELS[example]
     result = plan_cli(
-        f"examples/{example}", f"model.name_or_path={model}", "model.tokenizer=null",
-        "--gpu-memory", "80GiB", "--json",
+        f"examples/{example}",
+        f"model.name_or_path={model}",
+        "model.tokenizer=null",
+        "--gpu-memory",
+        "80GiB",
+        "--json",
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -197,8 +217,11 @@ def test_every_tiny_example_gets_an_answer(
 
 def test_too_small_gpu_gets_a_change_that_fits() -> None:
     model = MODELS / "mistral_7b"
-    args = ["examples/mistral_7b_full_zero2_8gpu.yaml", f"model.name_or_path={model}",
-            "model.tokenizer=null"]
+    args = [
+        "examples/mistral_7b_full_zero2_8gpu.yaml",
+        f"model.name_or_path={model}",
+        "model.tokenizer=null",
+    ]
     small = plan_cli(*args, "--gpu-memory", "24GiB")
     assert small.exit_code == 0, small.output
     assert "does not fit: --gpu-memory 24.00 GiB" in small.stdout
@@ -215,14 +238,15 @@ def test_too_small_gpu_gets_a_change_that_fits() -> None:
     [
         (["--gpu-memory", "lots"], "error: --gpu-memory: expected a size like 80GiB"),
         (["optim.lrr=1"], "error: optim.lrr: unknown key"),
-        (["model.name_or_path=nobody/not-a-cached-model"], "error: model.name_or_path: cannot read"),
+        (
+            ["model.name_or_path=nobody/not-a-cached-model"],
+            "error: model.name_or_path: cannot read",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args: list[str], needle: str) -> None:
     model = MODELS / "llama3_8b"
-    result = plan_cli(
-        "examples/llama3_8b_lora_1gpu.yaml", f"model.name_or_path={model}", *args
-    )
+    result = plan_cli("examples/llama3_8b_lora_1gpu.yaml", f"model.name_or_path={model}", *args)
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(needle), result.stderr
@@ -233,12 +257,20 @@ def test_table_names_every_figure_and_deepspeeds_estimate() -> None:
     t0 = time.perf_counter()
     model = MODELS / "qwen2_5_7b"
     result = plan_cli(
-        "examples/qwen_7b_lora_zero3_offload.yaml", f"model.name_or_path={model}",
+        "examples/qwen_7b_lora_zero3_offload.yaml",
+        f"model.name_or_path={model}",
         "model.tokenizer=null",
     )
     assert result.exit_code == 0, result.output
-    for row in ("weights (partition)", "AdamW moments", "activations", "loss buffers",
-                "reduce bucket", "host total", "DeepSpeed's estimate"):
+    for row in (
+        "weights (partition)",
+        "AdamW moments",
+        "activations",
+        "loss buffers",
+        "reduce bucket",
+        "host total",
+        "DeepSpeed's estimate",
+    ):
         assert row in result.stdout, row
     # offload_param + offload_optimizer: the partitions and optimizer states are on the host
     host_rows = [ln for ln in result.stdout.splitlines() if ln.startswith("  host")]

@@ -6,6 +6,7 @@ function of the config, the model's config.json and DeepSpeed's config
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from distft.config import Config, Precision
 from distft.plan.activations import Activations, activations, materialised_mask
 from distft.plan.shape import ModelShape, model_shape

@@ -36,14 +36,21 @@ def _changes(cfg: Config) -> Iterator[list[str]]:
         steps.append(["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu"])
     if ds.offload_param == "none":
         steps.append(
-            ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu"]
+            [
+                "deepspeed.zero_stage=3",
+                "deepspeed.offload_optimizer=cpu",
+                "deepspeed.offload_param=cpu",
+            ]
         )
     yield from steps
     # combinations: checkpointing with each later step, then everything with micro batch 1
     ckpt = [] if cfg.model.gradient_checkpointing else ["model.gradient_checkpointing=true"]
     for s in steps:
         yield [*ckpt, *s]
-    mb1 = ["batch.micro_batch_size=1", f"batch.grad_accum={cfg.batch.grad_accum * cfg.batch.micro_batch_size}"]
+    mb1 = [
+        "batch.micro_batch_size=1",
+        f"batch.grad_accum={cfg.batch.grad_accum * cfg.batch.micro_batch_size}",
+    ]
     for s in steps:
         yield [*mb1, *ckpt, *s]
 
@@ -91,7 +98,11 @@ def summary(plan: Plan, gpu: int | None = None) -> str:
 def _header(plan: Plan) -> str:
     c, s = plan.cfg, plan.shape
     ds = c.deepspeed
-    offload = [k for k, v in (("optimizer", ds.offload_optimizer), ("params", ds.offload_param)) if v == "cpu"]
+    offload = [
+        k
+        for k, v in (("optimizer", ds.offload_optimizer), ("params", ds.offload_param))
+        if v == "cpu"
+    ]
     return (
         f"{c.model.name_or_path}: {s.total / 1e9:.3f}B params, {s.trainable / 1e9:.3f}B trainable "
         f"({'LoRA' if c.lora.enabled else 'full'}); {plan.world} ranks, ZeRO-{ds.zero_stage}"
@@ -133,8 +144,10 @@ def verdict(plan: Plan, gpu: int | None, host: int | None) -> list[str]:
     lines = [f"does not fit: {limits}"]
     found = propose(plan, gpu, host)
     if found is None:
-        lines.append("no change of micro batch, checkpointing, ZeRO stage or offload fits; "
-                     "more ranks (or sequence parallelism) would")
+        lines.append(
+            "no change of micro batch, checkpointing, ZeRO stage or offload fits; "
+            "more ranks (or sequence parallelism) would"
+        )
     else:
         overrides, fixed = found
         lines.append(
@@ -155,7 +168,10 @@ def as_json(plan: Plan, gpu: int | None, host: int | None) -> dict[str, Any]:
         "zero_stage": plan.cfg.deepspeed.zero_stage,
         "attention": plan.attention,
         "partition_elements": {
-            "weights": p.weights, "master": p.master, "moments": p.moments, "grads": p.grads
+            "weights": p.weights,
+            "master": p.master,
+            "moments": p.moments,
+            "grads": p.grads,
         },
         "device_bytes": plan.device,
         "host_bytes": plan.host,

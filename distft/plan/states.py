@@ -110,7 +110,9 @@ def states(shape: ModelShape, ds: dict[str, Any], world: int) -> States:
         dev["gradients"] = e * part.grads
         # the optimizer step reads fp32 gradients of the partition (a transient copy;
         # ZeRO-3: one sub-group of `sub_group_size` elements at a time)
-        step = part.master if stage < 3 else min(part.master, int(zero.get("sub_group_size", 10**9)))
+        step = (
+            part.master if stage < 3 else min(part.master, int(zero.get("sub_group_size", 10**9)))
+        )
         dev["fp32 gradients at step"] = FP32 * step
     if stage in (1, 2) and zero.get("contiguous_gradients", True):
         buckets = 2 if zero.get("overlap_comm", False) else 1
@@ -122,8 +124,12 @@ def states(shape: ModelShape, ds: dict[str, Any], world: int) -> States:
         notes.append("ZeRO 0-2 load the whole model on each rank's host before moving it")
     else:
         host["model load (largest module)"] = e * shape.largest_module()
-    return States(part, {k: v for k, v in dev.items() if v}, {k: v for k, v in host.items() if v},
-                  tuple(notes))
+    return States(
+        part,
+        {k: v for k, v in dev.items() if v},
+        {k: v for k, v in host.items() if v},
+        tuple(notes),
+    )
 
 
 def deepspeed_estimate(
