@@ -129,6 +129,7 @@ def train(
             out.print(done, markup=False)  # and nothing is written
             return
         _refuse_user_error(rundir.claim, cfg.output_dir)
+        _print_plan_summary(cfg)
         config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
         con.open_log(cfg.output_dir)
         failed, preempted, wall = _run(cfg, con)
@@ -145,6 +146,19 @@ def train(
     report_path = write_report(cfg.output_dir)
     for line in summary(cfg.output_dir, wall, report_path, con.log_path):
         out.print(line, markup=False)
+
+
+def _print_plan_summary(cfg: config_mod.Config) -> None:
+    """The planner's one line (`plan: 35.21 GiB per rank (...)`); a model the planner
+    cannot read (no local config.json) is said, never a reason not to train."""
+    from distft.plan import make_plan
+    from distft.plan.report import summary
+
+    try:
+        err.print(summary(make_plan(cfg)), markup=False)
+    except (UserError, OSError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        err.print(f"plan: not available ({why})", markup=False)
 
 
 def _run(cfg: config_mod.Config, con: RunConsole) -> tuple[TrainingFailed | None, bool, float]:

@@ -277,3 +277,27 @@ def test_table_names_every_figure_and_deepspeeds_estimate() -> None:
     assert any("weights (partition)" in ln for ln in host_rows)
     assert any("AdamW moments" in ln for ln in host_rows)
     assert time.perf_counter() - t0 < 120
+
+
+def test_train_start_line_is_the_plans_summary(
+    tiny: TinyAssets, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `distft train` prints before Ray starts (cli._print_plan_summary)."""
+    from distft import cli
+    from distft.config import from_dict
+
+    cfg = from_dict(
+        {
+            "model": {"name_or_path": str(tiny.model_dir)},
+            "data": {"train_files": [str(tiny.train_file)]},
+            "checkpoint": {"output_dir": "out"},
+        }
+    )
+    cli._print_plan_summary(cfg)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("plan: ") and "GiB per rank" in line, line
+    missing = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"name_or_path": "nobody/absent"})}
+    )
+    cli._print_plan_summary(missing)  # never a reason not to train
+    assert capsys.readouterr().err.startswith("plan: not available (")
