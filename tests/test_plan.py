@@ -301,3 +301,28 @@ def test_train_start_line_is_the_plans_summary(
     )
     cli._print_plan_summary(missing)  # never a reason not to train
     assert capsys.readouterr().err.startswith("plan: not available (")
+
+
+def test_quantised_base_weights_are_about_half_a_byte_per_param() -> None:
+    """QLoRA's planner side (its config key comes with QLoRA): 4-bit linear weights,
+    embeddings and head in 16 bits."""
+    from distft.config import from_dict
+    from distft.plan import make_plan
+
+    cfg = from_dict(
+        {
+            "model": {"name_or_path": str(MODELS / "llama3_8b")},
+            "data": {"train_files": [str(REPO / "examples/data/sample_chat.jsonl")]},
+            "checkpoint": {"output_dir": "out"},
+            "lora": {"enabled": True},
+        }
+    )
+    plan = make_plan(cfg, quant_bits=4)
+    quantised = plan.states.device["weights (4-bit base)"]
+    shape = plan.shape
+    embeddings = sum(p.numel for p in shape.params if "embed" in p.name or "lm_head" in p.name)
+    linear = sum(p.numel for p in shape.params if not p.trainable and p.ndim >= 2) - embeddings
+    # 0.5 byte + 4/64 byte of absmax per linear weight, 2 bytes for the rest: exact
+    # integer arithmetic on the same counts, so within the rounding of each tensor
+    expected = linear * 0.5 + linear * 4 / 64 + 2 * (shape.total - linear)
+    assert abs(quantised - expected) <= 4 * len(shape.params)

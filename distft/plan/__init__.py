@@ -70,10 +70,12 @@ def make_plan(
     sequence_parallel: int = 1,
     loss_chunk_size: int | None = None,
     world: int | None = None,
+    quant_bits: int | None = None,
 ) -> Plan:
     """The plan of `cfg` on `world` ranks (default cluster.num_workers). `shape`: the
     model's (built from the config when None). `sequence_parallel` and `loss_chunk_size`
-    are the planner's side of keys other parts of distft add."""
+    and `quant_bits` (QLoRA's quantised base weights) are the planner's side of keys other
+    parts of distft add."""
     from distft.engine import build_ds_config
     from distft.model import hf_config
 
@@ -103,7 +105,7 @@ def make_plan(
         shape,
         world,
         attention,
-        states(shape, ds, world),
+        states(shape, ds, world, quant_bits),
         acts,
         deepspeed_estimate(shape, ds, world),
     )

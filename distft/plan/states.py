@@ -77,8 +77,26 @@ def partition(shape: ModelShape, ds: dict[str, Any], world: int) -> Partition:
     return Partition(owned + frozen_owned, master, ADAM_MOMENTS * owned, owned)
 
 
-def states(shape: ModelShape, ds: dict[str, Any], world: int) -> States:
-    """Bytes per rank of every model state and DeepSpeed buffer, on device and host."""
+def quantized_bytes(shape: ModelShape, bits: int, e: int) -> int:
+    """Bytes of the frozen weights when the base model's linear layers are quantised to
+    `bits` (QLoRA's 4-bit NF4: bits/8 per element plus one fp32 absmax per 64-element
+    block); embeddings, the head, norms and trained params stay in `e` bytes."""
+    total = 0
+    for p in shape.params:
+        linear = (
+            not p.trainable
+            and p.ndim >= 2
+            and not any(k in p.name for k in ("embed", "lm_head", "wte", "wpe"))
+        )
+        total += p.numel * bits // 8 + FP32 * -(-p.numel // 64) if linear else e * p.numel
+    return total
+
+
+def states(
+    shape: ModelShape, ds: dict[str, Any], world: int, quant_bits: int | None = None
+) -> States:
+    """Bytes per rank of every model state and DeepSpeed buffer, on device and host.
+    `quant_bits`: the base model's linear layers quantised (QLoRA), ZeRO 0-2."""
     zero = ds.get("zero_optimization", {})
     stage, e = int(zero.get("stage", 0)), _bytes_of(ds)
     part = partition(shape, ds, world)
@@ -97,6 +115,8 @@ def states(shape: ModelShape, ds: dict[str, Any], world: int) -> States:
         dev["weights (gathered layer + prefetch)"] = e * gathered
         dev["weights (persistent small params)"] = e * persistent
         (host if off_param else dev)["weights (partition)"] = weights
+    elif quant_bits is not None:
+        dev[f"weights ({quant_bits}-bit base)"] = quantized_bytes(shape, quant_bits, e)
     else:
         dev["weights"] = weights
     opt = host if off_opt else dev
