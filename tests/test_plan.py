@@ -236,7 +236,7 @@ def test_too_small_gpu_gets_a_change_that_fits() -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--gpu-memory", "lots"], "error: --gpu-memory: expected a size like 80GiB"),
+        (["--gpu-memory", "lots"], "error: --gpu-memory: expected a size like 5GB, 80GiB"),
         (["optim.lrr=1"], "error: optim.lrr: unknown key"),
         (
             ["model.name_or_path=nobody/not-a-cached-model"],
