@@ -228,6 +228,10 @@ def test_too_small_gpu_gets_a_change_that_fits() -> None:
     proposed = next(ln for ln in small.stdout.splitlines() if ln.startswith("proposed: "))
     overrides = proposed.removeprefix("proposed: ").split(" -> ")[0].split()
     assert overrides
+    # a GPU-only change (micro batch 2 with grad_accum doubled, ZeRO-3) fits 24 GiB and is
+    # cheaper than moving the optimizer to the host
+    assert not any("offload" in o for o in overrides), overrides
+    assert "batch.grad_accum=4" in overrides  # the global batch kept: 2 x 4 == 4 x 2
     again = plan_cli(*args, *overrides, "--gpu-memory", "24GiB", "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["fits"] is True

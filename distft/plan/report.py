@@ -4,7 +4,6 @@ figures as JSON."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from distft.config import Config
@@ -19,56 +18,63 @@ def gib(n: int) -> str:
     return f"{n / GIB:,.2f}"
 
 
-def _changes(cfg: Config) -> Iterator[list[str]]:
-    """Changes, cheapest first (what each costs: recompute, throughput, PCIe traffic).
-    Each is a list of overrides; later ones include the earlier steps of their ladder."""
-    mb, ga = cfg.batch.micro_batch_size, cfg.batch.grad_accum
-    ds, steps = cfg.deepspeed, []
-    while mb > 1:  # the same global batch: fewer sequences per micro-step, more steps
-        ga = ga * mb // (mb // 2)
-        mb //= 2
-        steps.append([f"batch.micro_batch_size={mb}", f"batch.grad_accum={ga}"])
-    if not cfg.model.gradient_checkpointing:
-        steps.append(["model.gradient_checkpointing=true"])
-    for stage in range(ds.zero_stage + 1, 4):
-        steps.append([f"deepspeed.zero_stage={stage}"])
-    if ds.offload_optimizer == "none":
-        steps.append(["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu"])
-    if ds.offload_param == "none":
-        steps.append(
-            [
-                "deepspeed.zero_stage=3",
-                "deepspeed.offload_optimizer=cpu",
-                "deepspeed.offload_param=cpu",
-            ]
-        )
-    yield from steps
-    # combinations: checkpointing with each later step, then everything with micro batch 1
-    ckpt = [] if cfg.model.gradient_checkpointing else ["model.gradient_checkpointing=true"]
-    for s in steps:
-        yield [*ckpt, *s]
-    mb1 = [
-        "batch.micro_batch_size=1",
-        f"batch.grad_accum={cfg.batch.grad_accum * cfg.batch.micro_batch_size}",
-    ]
-    for s in steps:
-        yield [*mb1, *ckpt, *s]
+# What each change costs a run, roughly in lost throughput: a smaller micro batch is
+# nearly free, a ZeRO stage up is some communication (3: gathers in forward and backward),
+# checkpointing recomputes the forward (~1/3 more compute), offload moves states over PCIe.
+_COST = {
+    "micro_batch_halved": 1,
+    "checkpointing": 3,
+    "stage": 1,
+    "stage3": 3,
+    "offload_opt": 6,
+    "offload_param": 8,
+}
 
 
-def _merged(changes: list[str]) -> list[str]:
-    """Later overrides of a key win; one per key, in first-seen order."""
-    seen: dict[str, str] = {}
-    for change in changes:
-        key, _, value = change.partition("=")
-        seen[key] = value
-    return [f"{k}={v}" for k, v in seen.items()]
+def _changes(cfg: Config) -> list[list[str]]:
+    """Every combination of micro batch (grad_accum raised to keep the global batch),
+    checkpointing, ZeRO stage and offload that changes something, cheapest first."""
+    ds, mb0 = cfg.deepspeed, cfg.batch.micro_batch_size
+    mbs = [mb0]
+    while mbs[-1] > 1:
+        mbs.append(mbs[-1] // 2)
+    ckpts = [cfg.model.gradient_checkpointing, True]
+    stages = list(range(ds.zero_stage, 4))
+    opts = [ds.offload_optimizer, "cpu"]
+    params = [ds.offload_param, "cpu"]
+    ranked: list[tuple[int, list[str]]] = []
+    for halvings, mb in enumerate(mbs):
+        for ckpt in dict.fromkeys(ckpts):
+            for stage in stages:
+                for opt in dict.fromkeys(opts):
+                    for param in dict.fromkeys(params):
+                        changes, cost = [], halvings * _COST["micro_batch_halved"]
+                        if mb != mb0:
+                            ga = cfg.batch.grad_accum * mb0 // mb
+                            changes += [f"batch.micro_batch_size={mb}", f"batch.grad_accum={ga}"]
+                        if ckpt != cfg.model.gradient_checkpointing:
+                            changes.append("model.gradient_checkpointing=true")
+                            cost += _COST["checkpointing"]
+                        if stage != ds.zero_stage:
+                            changes.append(f"deepspeed.zero_stage={stage}")
+                            cost += (stage - ds.zero_stage) * _COST["stage"]
+                            cost += _COST["stage3"] if stage == 3 else 0
+                        if opt != ds.offload_optimizer:
+                            changes.append("deepspeed.offload_optimizer=cpu")
+                            cost += _COST["offload_opt"]
+                        if param != ds.offload_param:
+                            changes.append("deepspeed.offload_param=cpu")
+                            cost += _COST["offload_param"]
+                        if changes:
+                            ranked.append((cost, changes))
+    ranked.sort(key=lambda item: item[0])  # stable: fewer halvings first at equal cost
+    return [changes for _, changes in ranked]
 
 
 def propose(plan: Plan, gpu: int | None, host: int | None) -> tuple[list[str], Plan] | None:
     """The cheapest change (overrides) whose plan fits, with that plan; None if nothing
     in the ladder fits."""
-    for changes in _changes(plan.cfg):
-        overrides = _merged(changes)
+    for overrides in _changes(plan.cfg):
         try:
             changed = from_dict(apply_overrides(plan.cfg.model_dump(mode="json"), overrides))
         except UserError:  # a combination the config refuses
