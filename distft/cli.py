@@ -122,7 +122,7 @@ def train(
     from distft import console as console_mod
 
     with console_mod.session(verbose) as con:  # library logs: to the log file, from here
-        cfg = _load(config, overrides, train=True)
+        cfg = _resolve_auto_batch(_load(config, overrides, train=True))
         _check_output_dir(cfg)  # every check before config.yaml is written: a refusal
         _check_resume(cfg)  # changes nothing
         if done := rundir.finished(cfg):
@@ -146,6 +146,20 @@ def train(
     report_path = write_report(cfg.output_dir)
     for line in summary(cfg.output_dir, wall, report_path, con.log_path):
         out.print(line, markup=False)
+
+
+def _resolve_auto_batch(cfg: config_mod.Config) -> config_mod.Config:
+    """`batch.micro_batch_size: auto` -> the planner's number, said in one line; config.yaml
+    and the workers see the number."""
+    from distft.plan.auto import resolve_auto
+
+    try:
+        resolved, line = _plan_of(cfg, resolve_auto)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+    if line:
+        err.print(line, markup=False)
+    return resolved
 
 
 def _print_plan_summary(cfg: config_mod.Config) -> None:
@@ -200,17 +214,21 @@ def plan(
     from distft.hf_folder import parse_size
     from distft.plan import make_plan
     from distft.plan import report as plan_report
+    from distft.plan.auto import resolve_auto
 
     try:
         cfg = config_mod.resolve_paths(config_mod.load(config, overrides or []))
         gpu = None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory")
         host = None if host_memory is None else parse_size(host_memory, "--host-memory")
+        cfg, auto_line = _plan_of(cfg, lambda c: resolve_auto(c, gpu))
         result = _plan_of(cfg, make_plan)
     except UserError as e:
         _fail(str(e).splitlines(), EXIT_BAD_INPUT)
     if as_json:
         out.print(json.dumps(plan_report.as_json(result, gpu, host), indent=2), markup=False)
         return
+    if auto_line:
+        out.print(auto_line, markup=False)
     for line in plan_report.table(result, gpu, host):
         out.print(line, markup=False)
 

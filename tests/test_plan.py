@@ -330,3 +330,64 @@ def test_quantised_base_weights_are_about_half_a_byte_per_param() -> None:
     # integer arithmetic on the same counts, so within the rounding of each tensor
     expected = linear * 0.5 + linear * 4 / 64 + 2 * (shape.total - linear)
     assert abs(quantised - expected) <= 4 * len(shape.params)
+
+
+# ----------------------------------------------------------------------------- auto batch
+
+
+def _tiny_cfg(tiny: TinyAssets, **batch: Any) -> Any:
+    from distft.config import from_dict
+
+    return from_dict(
+        {
+            "model": {"name_or_path": str(tiny.model_dir)},
+            "data": {"train_files": [str(tiny.train_file)], "max_seq_len": 1024},
+            "checkpoint": {"output_dir": "out"},
+            "batch": batch,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        (0, "batch.micro_batch_size: must be > 0 or 'auto' (got 0)"),
+        ("big", "batch.micro_batch_size"),
+    ],
+)
+def test_micro_batch_size_takes_a_number_or_auto(value: Any, needle: str, tiny: TinyAssets) -> None:
+    from distft.config import ConfigError
+
+    assert _tiny_cfg(tiny, micro_batch_size="auto").batch.micro_batch_size == "auto"
+    with pytest.raises(ConfigError) as e:
+        _tiny_cfg(tiny, micro_batch_size=value)
+    assert str(e.value).startswith(needle), str(e.value)
+
+
+def test_auto_micro_batch_is_the_largest_that_fits(tiny: TinyAssets, tmp_path: Path) -> None:
+    """Given just the memory that micro batch 4 needs, auto picks 4 (8 would not fit);
+    train writes the number into config.yaml (cli._resolve_auto_batch, then save_resolved,
+    in the order `distft train` runs them)."""
+    import yaml
+
+    from distft import cli
+    from distft.config import save_resolved
+    from distft.plan import make_plan
+    from distft.plan.auto import resolve_auto, with_micro
+
+    cfg = _tiny_cfg(tiny, micro_batch_size="auto", grad_accum=2)
+    need4 = make_plan(with_micro(cfg, 4)).device_total
+    assert make_plan(with_micro(cfg, 8)).device_total > need4
+    resolved, line = resolve_auto(cfg, need4)
+    assert resolved.batch.micro_batch_size == 4 and resolved.batch.grad_accum == 2
+    assert line is not None and line.startswith("batch.micro_batch_size: auto -> 4 (")
+    save_resolved(cfg, tmp_path / "auto.yaml")  # `auto` as a user writes it
+    result = plan_cli(str(tmp_path / "auto.yaml"), "--gpu-memory", str(need4), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["micro_batch_size"] == 4
+    # CPU workers: this host's RAM shared by the workers; a number in config.yaml
+    train_cfg = cli._resolve_auto_batch(cfg)
+    assert isinstance(train_cfg.batch.micro_batch_size, int)
+    save_resolved(train_cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["batch"]["micro_batch_size"] == train_cfg.batch.micro_batch_size

@@ -94,7 +94,7 @@ def make_plan(
         e=e,
         attention=attention,
         seq=cfg.data.max_seq_len,
-        micro_batch=cfg.batch.micro_batch_size,
+        micro_batch=cfg.batch.micro,
         checkpointing=cfg.model.gradient_checkpointing,
         loss_chunk_size=loss_chunk_size,
         sequence_parallel=sequence_parallel,

@@ -34,7 +34,7 @@ _COST = {
 def _changes(cfg: Config) -> list[list[str]]:
     """Every combination of micro batch (grad_accum raised to keep the global batch),
     checkpointing, ZeRO stage and offload that changes something, cheapest first."""
-    ds, mb0 = cfg.deepspeed, cfg.batch.micro_batch_size
+    ds, mb0 = cfg.deepspeed, cfg.batch.micro
     mbs = [mb0]
     while mbs[-1] > 1:
         mbs.append(mbs[-1] // 2)
@@ -114,7 +114,7 @@ def _header(plan: Plan) -> str:
         f"({'LoRA' if c.lora.enabled else 'full'}); {plan.world} ranks, ZeRO-{ds.zero_stage}"
         f"{' offload ' + '+'.join(offload) if offload else ''}, {ds.precision.value}, "
         f"{plan.attention}, checkpointing {'on' if c.model.gradient_checkpointing else 'off'}, "
-        f"{c.batch.micro_batch_size} x {c.data.max_seq_len} tokens per micro-batch"
+        f"{c.batch.micro} x {c.data.max_seq_len} tokens per micro-batch"
     )
 
 
@@ -173,6 +173,7 @@ def as_json(plan: Plan, gpu: int | None, host: int | None) -> dict[str, Any]:
         "world": plan.world,
         "zero_stage": plan.cfg.deepspeed.zero_stage,
         "attention": plan.attention,
+        "micro_batch_size": plan.cfg.batch.micro,
         "partition_elements": {
             "weights": p.weights,
             "master": p.master,
