@@ -122,13 +122,14 @@ def train(
     from distft import console as console_mod
 
     with console_mod.session(verbose) as con:  # library logs: to the log file, from here
-        cfg = _load(config, overrides, train=True)
+        cfg = _resolve_auto_batch(_load(config, overrides, train=True))
         _check_output_dir(cfg)  # every check before config.yaml is written: a refusal
         _check_resume(cfg)  # changes nothing
         if done := rundir.finished(cfg):
             out.print(done, markup=False)  # and nothing is written
             return
         _refuse_user_error(rundir.claim, cfg.output_dir)
+        _print_plan_summary(cfg)
         config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
         con.open_log(cfg.output_dir)
         failed, preempted, wall = _run(cfg, con)
@@ -145,6 +146,33 @@ def train(
     report_path = write_report(cfg.output_dir)
     for line in summary(cfg.output_dir, wall, report_path, con.log_path):
         out.print(line, markup=False)
+
+
+def _resolve_auto_batch(cfg: config_mod.Config) -> config_mod.Config:
+    """`batch.micro_batch_size: auto` -> the planner's number, said in one line; config.yaml
+    and the workers see the number."""
+    from distft.plan.auto import resolve_auto
+
+    try:
+        resolved, line = _plan_of(cfg, resolve_auto)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+    if line:
+        err.print(line, markup=False)
+    return resolved
+
+
+def _print_plan_summary(cfg: config_mod.Config) -> None:
+    """The planner's one line (`plan: 35.21 GiB per rank (...)`); a model the planner
+    cannot read (no local config.json) is said, never a reason not to train."""
+    from distft.plan import make_plan
+    from distft.plan.report import summary
+
+    try:
+        err.print(summary(make_plan(cfg)), markup=False)
+    except (UserError, OSError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        err.print(f"plan: not available ({why})", markup=False)
 
 
 def _run(cfg: config_mod.Config, con: RunConsole) -> tuple[TrainingFailed | None, bool, float]:
@@ -166,6 +194,56 @@ def _run(cfg: config_mod.Config, con: RunConsole) -> tuple[TrainingFailed | None
     if signals and failed is None:
         preempt.clear(cfg.output_dir)
     return failed, bool(signals) and failed is None, time.perf_counter() - t0
+
+
+@app.command()
+def plan(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="Per GPU, e.g. 80GiB."),
+    host_memory: str | None = typer.Option(None, "--host-memory", help="Per rank, e.g. 200GiB."),
+    as_json: bool = typer.Option(False, "--json", help="The same figures as JSON."),
+) -> None:
+    """Memory per rank (model states, activations, DeepSpeed buffers, host RAM) from the
+    config and the model's config.json; whether it fits and the cheapest change that does."""
+    import json
+    import logging
+
+    # DeepSpeed logs "Setting accelerator to CPU" to stdout as it loads: not into the JSON
+    logging.getLogger("DeepSpeed").addFilter(lambda r: r.levelno >= logging.ERROR)
+    from distft.hf_folder import parse_size
+    from distft.plan import make_plan
+    from distft.plan import report as plan_report
+    from distft.plan.auto import resolve_auto
+
+    try:
+        cfg = config_mod.resolve_paths(config_mod.load(config, overrides or []))
+        gpu = None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory")
+        host = None if host_memory is None else parse_size(host_memory, "--host-memory")
+        cfg, auto_line = _plan_of(cfg, lambda c: resolve_auto(c, gpu))
+        result = _plan_of(cfg, make_plan)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+    if as_json:
+        out.print(json.dumps(plan_report.as_json(result, gpu, host), indent=2), markup=False)
+        return
+    if auto_line:
+        out.print(auto_line, markup=False)
+    for line in plan_report.table(result, gpu, host):
+        out.print(line, markup=False)
+
+
+def _plan_of(cfg: config_mod.Config, make: Callable[[config_mod.Config], T]) -> T:
+    """The plan, or one line when the model's config.json is not here (the planner reads
+    a local folder or the hub cache; it downloads nothing)."""
+    try:
+        return make(cfg)
+    except (OSError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model.name_or_path: cannot read the config of {cfg.model.name_or_path} here "
+            f"({why}); the planner needs a local folder or a cached hub model"
+        ) from None
 
 
 @app.command()

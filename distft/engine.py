@@ -37,9 +37,9 @@ def build_ds_config(cfg: Config, world_size: int) -> tuple[dict[str, Any], list[
         raise ValueError(f"world_size must be >= 1 (got {world_size})")
     ds, batch, optim = cfg.deepspeed, cfg.batch, cfg.optim
     generated: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "train_micro_batch_size_per_gpu": batch.micro,
         "gradient_accumulation_steps": batch.grad_accum,
-        "train_batch_size": batch.micro_batch_size * batch.grad_accum * world_size,
+        "train_batch_size": batch.micro * batch.grad_accum * world_size,
         "gradient_clipping": 0.0 if optim.max_grad_norm is None else optim.max_grad_norm,
         "steps_per_print": _NEVER_PRINT,
         "wall_clock_breakdown": False,

@@ -34,11 +34,11 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 _UNITS.update(KIB=2**10, MIB=2**20, GIB=2**30)
 
 
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes; a bad size names `flag`."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]I?B|B)?\s*", text.upper())
     if not m or float(m.group(1)) <= 0:
-        raise UserError(f"--max-shard-size: expected a size like 5GB or 500MB (got {text!r})")
+        raise UserError(f"{flag}: expected a size like 5GB, 80GiB or 500MB (got {text!r})")
     return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 

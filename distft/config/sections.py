@@ -112,7 +112,11 @@ class OptimConfig(_Section):
 
 
 class BatchConfig(_Section):
-    micro_batch_size: int = Field(1, gt=0, description="Sequences per worker per micro-step.")
+    micro_batch_size: int | Literal["auto"] = Field(
+        1,
+        description="Sequences per worker per micro-step; auto: the largest the memory "
+        "planner fits (`distft plan`), resolved before Ray starts.",
+    )
     grad_accum: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
@@ -122,6 +126,20 @@ class BatchConfig(_Section):
         description="Commit a checkpoint and exit after this step; the schedule "
         "is unchanged, so the next run continues it (time-boxed jobs).",
     )
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be > 0 or 'auto'")
+        return v
+
+    @property
+    def micro(self) -> int:
+        """The micro batch size, once `auto` is resolved (distft.plan.auto)."""
+        if not isinstance(self.micro_batch_size, int):
+            raise ValueError("batch.micro_batch_size: 'auto' is resolved before training")
+        return self.micro_batch_size
 
 
 class EvalConfig(_Section):

@@ -173,7 +173,7 @@ def step_layout(cfg: Config, world_size: int) -> dict[str, int | str]:
     """What fixes the sequence of global steps (with the seed and the data): the strategy,
     units per optimizer step, and a unit's token budget. Equal layouts give the same
     batches whatever the split across workers (for resuming on another world size)."""
-    batching, micro = resolve_batching(cfg), cfg.batch.micro_batch_size
+    batching, micro = resolve_batching(cfg), cfg.batch.micro
     per_micro = 1 if batching == "length_grouped" else micro
     budget = {"packed": cfg.data.max_seq_len, "length_grouped": micro * cfg.data.max_seq_len}
     return {
@@ -202,7 +202,7 @@ class TrainBatches:
         self.seed, self.shuffle = cfg.seed, cfg.data.shuffle
         self.batching = resolve_batching(cfg)
         self.attn, self.max_seq_len = cfg.model.attn_implementation, cfg.data.max_seq_len
-        micro, self.accum = cfg.batch.micro_batch_size, cfg.batch.grad_accum
+        micro, self.accum = cfg.batch.micro, cfg.batch.grad_accum
         self.per_micro = 1 if self.batching == "length_grouped" else micro
         self.per_rank = self.per_micro * self.accum
         self.global_batch = self.per_rank * dist.world_size  # units per optimizer step

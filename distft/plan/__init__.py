@@ -1,0 +1,111 @@
+"""The memory planner (`distft plan`): per-rank device and host memory of a run from its
+config and the model's shape (built on the meta device, no weights read). A pure
+function of the config, the model's config.json and DeepSpeed's config
+(`engine.build_ds_config`, the one training uses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distft.config import Config, Precision
+from distft.plan.activations import Activations, activations, materialised_mask
+from distft.plan.shape import ModelShape, model_shape
+from distft.plan.states import States, deepspeed_estimate, states
+
+__all__ = ["Plan", "make_plan", "ModelShape", "model_shape"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: Config
+    shape: ModelShape
+    world: int
+    attention: str
+    states: States
+    activations: Activations
+    ds_estimate: tuple[int, int] | None  # DeepSpeed's (host, device) bytes for model states
+
+    @property
+    def device(self) -> dict[str, int]:
+        a = self.activations
+        rows = dict(self.states.device)
+        rows["activations (held for backward)"] = a.layers + a.other
+        if a.recompute:
+            rows["activations (recomputed layer)"] = a.recompute
+        rows["loss buffers (logits)"] = a.loss_held + a.loss_transient
+        return rows
+
+    @property
+    def host(self) -> dict[str, int]:
+        return dict(self.states.host)
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    def fits(self, gpu: int | None, host: int | None) -> bool:
+        return (gpu is None or self.device_total <= gpu) and (
+            host is None or self.host_total <= host
+        )
+
+
+def resolved_attention(cfg: Config) -> str:
+    """The attention the run would use, without importing flash-attn: `auto` is
+    flash_attention_2 on GPU workers in 16 bits, else sdpa (both keep no n x n matrix)."""
+    attn = cfg.model.attn_implementation
+    if attn != "auto":
+        return attn
+    gpu16 = cfg.cluster.use_gpu and cfg.deepspeed.precision != Precision.fp32
+    return "flash_attention_2" if gpu16 else "sdpa"
+
+
+def make_plan(
+    cfg: Config,
+    shape: ModelShape | None = None,
+    *,
+    sequence_parallel: int = 1,
+    loss_chunk_size: int | None = None,
+    world: int | None = None,
+    quant_bits: int | None = None,
+) -> Plan:
+    """The plan of `cfg` on `world` ranks (default cluster.num_workers). `shape`: the
+    model's (built from the config when None). `sequence_parallel` and `loss_chunk_size`
+    and `quant_bits` (QLoRA's quantised base weights) are the planner's side of keys other
+    parts of distft add."""
+    from distft.engine import build_ds_config
+    from distft.model import hf_config
+
+    world = world or cfg.cluster.num_workers
+    shape = shape or model_shape(cfg)
+    ds, _ = build_ds_config(cfg, world)
+    attention = resolved_attention(cfg)
+    e = 4 if cfg.deepspeed.precision == Precision.fp32 else 2
+    try:
+        packed = cfg.data.batching == "packed"
+        masked = materialised_mask(hf_config(cfg, local_only=True), attention, packed)
+    except (OSError, ValueError):
+        masked = False
+    acts = activations(
+        shape.dims,
+        e=e,
+        attention=attention,
+        seq=cfg.data.max_seq_len,
+        micro_batch=cfg.batch.micro,
+        checkpointing=cfg.model.gradient_checkpointing,
+        loss_chunk_size=loss_chunk_size,
+        sequence_parallel=sequence_parallel,
+        masked=masked,
+    )
+    return Plan(
+        cfg,
+        shape,
+        world,
+        attention,
+        states(shape, ds, world, quant_bits),
+        acts,
+        deepspeed_estimate(shape, ds, world),
+    )

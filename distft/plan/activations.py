@@ -1,0 +1,125 @@
+"""Activations held for backward, and the loss's logits buffers, per rank and micro-batch.
+
+Bytes per token, counted from what a Hugging Face decoder layer saves for backward
+(pre-norm RMSNorm layers, rotary attention, gated MLP; checked against the saved tensors
+of real tiny models in tests/test_plan.py), e = bytes of the compute dtype:
+- each RMSNorm: its fp32 input (4h), the rsqrt (4) and its 16-bit output (e h);
+- attention: the q, k, v projections' outputs after rotary (e (a + 2 kv) d), the
+  attention output before o_proj (e a d) and the residual stream (e h); sdpa and
+  flash-attention keep a fp32 log-sum-exp per head, eager the fp32 softmax and its
+  16-bit copy (a x s probabilities per token: quadratic in the sequence length);
+- MLP: gate and up outputs and the activation (3 e i); MoE: the router logits and the
+  routed tokens' copies (top_k x (2 e h + 3 e i_expert)) plus a shared expert's 3 e i.
+With gradient checkpointing each layer keeps only its input (e h) and backward recomputes
+one layer at a time, so the peak adds one layer's activations.
+The loss keeps the target rows only (distft.objective): their logits (e V), the fp32 copy
+(4 V) and its log-softmax (4 V, held for backward); `loss_chunk_size` rows at a time when
+the loss is chunked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distft.plan.shape import Dims
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Activations:
+    layers: int  # held for backward by the decoder layers (and the checkpointed inputs)
+    recompute: int  # one layer recomputed in backward (gradient checkpointing), else 0
+    other: int  # embeddings output, final norm, rotary tables, ids and masks
+    loss_held: int  # fp32 log-softmax of the target rows, held for backward
+    loss_transient: int  # 16-bit logits and their fp32 copy while the loss is computed
+
+    @property
+    def held(self) -> int:
+        """Saved for backward at the end of forward (what the tests measure)."""
+        return self.layers + self.other + self.loss_held
+
+    @property
+    def peak(self) -> int:
+        return self.held + self.recompute + self.loss_transient
+
+
+def _norm(h: int, e: int) -> int:
+    return FP32 * h + FP32 + 2 * e * h  # fp32 input, rsqrt, input and output in 16 bits
+
+
+def materialised_mask(config: object, attention: str, packed: bool) -> bool:
+    """Whether sdpa gets a (1, 1, s, s) mask: a sliding window or packed sequences
+    (flash-attention takes neither as a matrix, eager's is counted with its softmax)."""
+    if attention != "sdpa":
+        return False
+    window = getattr(config, "sliding_window", None) is not None and getattr(
+        config, "use_sliding_window", True
+    )
+    return bool(window) or packed
+
+
+def norms_per_layer(model_type: str) -> int:
+    """Gemma-2/3 norm the attention and MLP outputs too (4 per layer)."""
+    return 4 if model_type in ("gemma2", "gemma3", "gemma3_text") else 2
+
+
+def layer_bytes_per_token(d: Dims, e: int, attention: str, seq: int, masked: bool) -> int:
+    """Bytes one decoder layer saves for backward per token of a `seq`-token sequence."""
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    total = norms_per_layer(d.model_type) * _norm(d.hidden, e)
+    if d.model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"):  # q/k norms
+        total += (d.heads + d.kv_heads) * _norm(d.head_dim, e)
+    total += e * (q + 2 * kv) + e * q  # q, k, v after rotary; the attention output
+    if attention == "eager":
+        # GQA: k and v repeated to every head; the fp32 softmax and its 16-bit copy
+        total += e * 2 * (q - kv) + d.heads * seq * (FP32 + e)
+    else:
+        total += FP32 * d.heads  # log-sum-exp
+        if masked:  # a materialised (1, 1, s, s) mask: sdpa gets k, v repeated to every head
+            total += e * 2 * (q - kv) + e * seq
+    if d.experts:
+        # router logits; per routed copy: its input and output rows, three intermediate
+        # rows and the indices that sort and scatter it back
+        total += FP32 * d.experts + FP32
+        total += d.top_k * (2 * e * d.hidden + 3 * e * d.expert_intermediate + 40)
+        total += 4 * e * d.shared_intermediate
+    else:
+        total += 4 * e * d.intermediate  # gate, up, act(gate), act(gate) * up
+    return total
+
+
+def activations(
+    d: Dims,
+    *,
+    e: int,
+    attention: str,
+    seq: int,
+    micro_batch: int,
+    checkpointing: bool,
+    target_fraction: float = 1.0,
+    loss_chunk_size: int | None = None,
+    sequence_parallel: int = 1,
+    masked: bool = False,
+) -> Activations:
+    """Bytes per rank for one micro-batch of `micro_batch` sequences of `seq` tokens.
+    `sequence_parallel` ranks share a sequence (each holds seq / sp tokens; attention
+    sees the whole sequence for 1/sp of the heads, which this count treats as the same
+    bytes). `target_fraction`: share of tokens with a target (1.0: pretraining, packing)."""
+    tokens = micro_batch * -(-seq // sequence_parallel)
+    per_layer = layer_bytes_per_token(d, e, attention, seq, masked) * tokens
+    if checkpointing:
+        layers, recompute = d.layers * e * d.hidden * tokens, per_layer
+    else:
+        layers, recompute = d.layers * per_layer, 0
+    # final norm + its output for the head, rotary cos/sin, ids, positions and mask
+    other = (_norm(d.hidden, e) + 2 * e * d.head_dim + 8 + 8 + 1) * tokens
+    rows = max(1, int(tokens * target_fraction))
+    chunk = rows if loss_chunk_size is None else min(rows, loss_chunk_size)
+    return Activations(
+        layers=layers,
+        recompute=recompute,
+        other=other,
+        loss_held=FP32 * d.vocab * (rows if loss_chunk_size is None else chunk),
+        loss_transient=(e + FP32) * d.vocab * chunk,
+    )
