@@ -51,7 +51,7 @@ def rows_per_batch(cfg: Config) -> int:
     """Rows of every micro-batch under sequence parallelism. Ulysses checks each attention
     call against the batch size it was registered with; packed rows with flash-attention
     are one row (the varlen kernel), padded batches `batch.micro_batch_size` rows."""
-    return 1 if resolve_batching(cfg) == "packed" else cfg.batch.micro_batch_size
+    return 1 if resolve_batching(cfg) == "packed" else cfg.batch.micro
 
 
 def shard(batch: Batch, sp_size: int, sp_rank: int, pad_id: int, rows: int) -> Batch:

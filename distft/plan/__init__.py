@@ -67,7 +67,7 @@ def make_plan(
     cfg: Config,
     shape: ModelShape | None = None,
     *,
-    sequence_parallel: int = 1,
+    sequence_parallel: int | None = None,
     loss_chunk_size: int | None = None,
     world: int | None = None,
     quant_bits: int | None = None,
@@ -81,7 +81,10 @@ def make_plan(
 
     world = world or cfg.cluster.num_workers
     shape = shape or model_shape(cfg)
-    ds, _ = build_ds_config(cfg, world)
+    # Ulysses: each rank holds 1/SP of every sequence's activations; ZeRO still partitions
+    # the model states over all ranks (DeepSpeed's sequence-data-parallel group).
+    sequence_parallel = sequence_parallel or cfg.deepspeed.sequence_parallel_size
+    ds, _ = build_ds_config(cfg, max(1, world // sequence_parallel))
     attention = resolved_attention(cfg)
     e = 4 if cfg.deepspeed.precision == Precision.fp32 else 2
     try:
