@@ -110,7 +110,9 @@ def _table(rows: list[dict[str, Any]], methods: list[str]) -> str:
         cells = [str(n)]
         for m in methods:
             r = by.get(m)
-            cells.append("skipped" if r is None else f"{r['peak_bytes'] / gib:.3f} ({r['seconds']:.2f})")
+            cells.append(
+                "skipped" if r is None else f"{r['peak_bytes'] / gib:.3f} ({r['seconds']:.2f})"
+            )
         u, c = by.get("unchunked"), by.get("chunked")
         ratio = u["peak_bytes"] / max(c["peak_bytes"], 1) if u and c else None
         cells.append("-" if ratio is None else f"{ratio:.1f}x")

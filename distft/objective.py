@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -92,23 +92,24 @@ def _causal_lm(model: Any) -> Any:
 
 
 def _epilogue(model: Any) -> tuple[Epilogue, tuple[tuple[Any, str, Any], ...]]:
+    """The epilogue the model applies to the head's output (as far as distft reproduces
+    one), and the settings that switch the model's own off."""
     lm = _causal_lm(model)
     config = getattr(lm, "config", None)
     cap = getattr(config, "final_logit_softcapping", None)
-    divide = getattr(config, "logits_scaling", None)
-    multiply = getattr(lm, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)  # Granite
+    multiply = getattr(lm, "logit_scale", None)  # Cohere (a plain float attribute)
     neutral: list[tuple[Any, str, Any]] = []
-    if cap is not None:
+    ep = Epilogue()
+    if isinstance(cap, (int, float)):
         neutral.append((config, "final_logit_softcapping", None))
+        ep = replace(ep, softcap=float(cap))
     if isinstance(divide, (int, float)) and divide != 1:
         neutral.append((config, "logits_scaling", 1.0))
+        ep = replace(ep, divide=float(divide))
     if isinstance(multiply, (int, float)) and multiply != 1:
         neutral.append((lm, "logit_scale", 1.0))
-    ep = Epilogue(
-        multiply=float(multiply) if any(a == "logit_scale" for _, a, _ in neutral) else None,
-        divide=float(divide) if any(a == "logits_scaling" for _, a, _ in neutral) else None,
-        softcap=None if cap is None else float(cap),
-    )
+        ep = replace(ep, multiply=float(multiply))
     return ep, tuple(neutral)
 
 
@@ -117,7 +118,7 @@ def _head_computes(plan: HeadPlan, fn: Callable[[torch.Tensor], torch.Tensor]) -
     """While active, the head's forward is `fn` (hooks, DeepSpeed's included, still run)
     and the model's own epilogue is off."""
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in plan.neutral]
-    plan.linear.forward = fn  # type: ignore[method-assign]  # the instance's, for now
+    plan.linear.forward = fn  # type: ignore[method-assign,assignment]  # the instance's
     try:
         for obj, attr, value in plan.neutral:
             setattr(obj, attr, value)
@@ -141,9 +142,9 @@ def head_plan(model: Any, head: torch.nn.Module, batch: Batch) -> HeadPlan | Non
                   for k, v in batch.model_inputs().items()}  # fmt: skip
         sentinel = torch.full((), _PROBE, device=batch.input_ids.device)
         devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            with _head_computes(plan, lambda _hidden: sentinel):
-                logits = model(**inputs).logits
+        probe = _head_computes(plan, lambda _hidden: sentinel)
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), probe:
+            logits = model(**inputs).logits
         if not (logits.dim() == 0 and logits.item() == _PROBE):  # exact: nothing computed
             plan = None
     head.__dict__[_PLAN_ATTR] = plan  # not a module attribute: no state dict entry

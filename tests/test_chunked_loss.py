@@ -11,7 +11,6 @@ ulps of the largest term (measured: up to 4e-7 relative). 1e-6 is about 8 fp32 u
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -228,7 +227,9 @@ engine = create_engine(model, cfg, ds_config, total_steps=1)
 out = {}
 plain_loss = nll_sum(plain, batch(), None)
 plain_loss.backward()
-out["plain"] = [plain_loss.item(), {n: p.grad.flatten().tolist() for n, p in plain.named_parameters()}]
+out["plain"] = [
+    plain_loss.item(), {n: p.grad.flatten().tolist() for n, p in plain.named_parameters()}
+]
 for chunk in (None, 7):
     loss = nll_sum(engine, batch(), chunk)
     engine.backward(loss)
