@@ -5,6 +5,7 @@ Liger's fused linear cross-entropy when `liger_kernel` is installed.
 
     python -m bench.loss_memory [--device cpu|cuda] [--vocab 128256] [--hidden 4096]
         [--tokens 4096 8192 16384 32768] [--chunk 1024] [--max-unchunked N] [--json]
+    python -m bench.loss_memory --step --vocab 128256 --hidden 256 --tokens 2048
 
 Each case runs in a fresh subprocess. CPU: peak RSS (ru_maxrss) over the case minus the
 RSS after its inputs (hidden states, weight, targets) exist; fp32. CUDA:
@@ -77,6 +78,36 @@ def _case(method: str, device: str, vocab: int, hidden: int, n: int, chunk: int)
             "loss": loss.item()}  # fmt: skip
 
 
+def step_times(vocab: int, hidden: int, tokens: int, chunk: int, reps: int) -> dict[str, float]:
+    """Median seconds of one training micro-step (`nll_sum` forward + backward) of a
+    2-layer Llama of this vocabulary and width, one row of `tokens` tokens, half of them
+    targets, the head at once vs chunked (interleaved, after one warm-up each)."""
+    import statistics
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distft.data import IGNORE, collate
+    from distft.objective import nll_sum
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=tokens)  # fmt: skip
+    model = LlamaForCausalLM(config).float()
+    ids = torch.randint(3, vocab, (tokens,)).tolist()
+    b = collate([{"input_ids": ids, "labels": [IGNORE] * (tokens // 2) + ids[tokens // 2 :]}], 0)
+    times: dict[str, list[float]] = {"unchunked": [], "chunked": []}
+    for i in range(reps + 1):
+        for name, c in (("unchunked", None), ("chunked", chunk)):
+            t0 = time.perf_counter()
+            nll_sum(model, b, c).backward()
+            model.zero_grad(set_to_none=True)
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any] | None:
     cmd = [sys.executable, "-m", "bench.loss_memory", "--case", method, "--device", args.device,
            "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--tokens", str(n),
@@ -129,11 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--max-unchunked", type=int, default=None)
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    p.add_argument(
+        "--step",
+        action="store_true",
+        help="time a tiny Llama's micro-step instead (--tokens[0] tokens)",
+    )
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--case", choices=METHODS, help=argparse.SUPPRESS)  # one subprocess
     args = p.parse_args(argv)
     if args.case:
         print(json.dumps(_case(args.case, args.device, args.vocab, args.hidden,
                                args.tokens[0], args.chunk)))  # fmt: skip
+        return 0
+    if args.step:
+        t = step_times(args.vocab, args.hidden, args.tokens[0], args.chunk, args.reps)
+        print(
+            f"step, vocab {args.vocab}, hidden {args.hidden}, {args.tokens[0]} tokens, "
+            f"chunk {args.chunk}: head at once {t['unchunked']:.3f} s, "
+            f"chunked {t['chunked']:.3f} s ({t['chunked'] / t['unchunked']:.2f}x)"
+        )
         return 0
     methods = _methods(args.device)
     rows = []

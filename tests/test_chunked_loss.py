@@ -266,3 +266,26 @@ def test_zero3_engine_chunked_equals_plain_and_unchunked() -> None:
         ref = torch.tensor([x for n in sorted(want) for x in want[n]])
         scale = float(ref.abs().max())
         assert_close(got, ref, torch.float32, Kind.REASSOCIATED, f"grads {chunk}", scale)
+
+
+# ------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [(-1, "greater than or equal to 0"), ("big", "valid integer"), (1.5, "valid integer")],
+)
+def test_bad_chunk_size_names_the_key(value: Any, expect: str) -> None:
+    from distft.config import ConfigError, from_dict
+
+    raw: dict[str, Any] = {
+        "model": {"name_or_path": "tiny", "loss_chunk_size": value},
+        "data": {"train_files": ["t.jsonl"]},
+        "checkpoint": {"output_dir": "out"},
+    }
+    with pytest.raises(ConfigError, match=f"^model.loss_chunk_size: .*{expect}"):
+        from_dict(raw)
+    raw["model"]["loss_chunk_size"] = None  # null and 0: the head at once
+    assert from_dict(raw).model.loss_chunk_size is None
+    raw["model"].pop("loss_chunk_size")
+    assert from_dict(raw).model.loss_chunk_size == 1024  # the measured default (README)
