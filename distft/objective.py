@@ -13,8 +13,8 @@ With `chunk` (the config's `model.loss_chunk_size`) the head's matmul and the
 cross-entropy run inside the head module's own forward call, `chunk` target rows at a time
 (`distft.chunked_ce`), so the (targets x vocab) logits never exist. Computing inside the
 head's call is what keeps ZeRO-3 right: DeepSpeed gathers the head's partitioned weight in
-its forward pre-hook, releases it in its forward hook, and gathers it again before the
-head's backward through the hook it puts on the head's output (here: the loss). Whether a
+its forward pre-hook and releases it in its forward hook; the chunked forward computes the
+head's gradients while the weight is there (its backward needs no weight). Whether a
 model can take this path is decided once per head (`head_plan`): the head must be a plain
 `nn.Linear` (a frozen one under LoRA too; peft wrappers of the head keep the old path),
 and a one-token probe must show that what the model returns as logits is exactly what the
