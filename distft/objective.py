@@ -8,17 +8,31 @@ states of those positions, so the head's matmul, the logits and the softmax are 
 for the trained tokens alone. In SFT, prompts are often half the tokens; at a 128k
 vocabulary the logits of one 8k-token sequence are 4 GiB in fp32. Gradients are the same:
 the dropped positions contribute nothing to the loss.
+
+With `chunk` (the config's `model.loss_chunk_size`) the head's matmul and the
+cross-entropy run inside the head module's own forward call, `chunk` target rows at a time
+(`distft.chunked_ce`), so the (targets x vocab) logits never exist. Computing inside the
+head's call is what keeps ZeRO-3 right: DeepSpeed gathers the head's partitioned weight in
+its forward pre-hook and releases it in its forward hook; the chunked forward computes the
+head's gradients while the weight is there (its backward needs no weight). Whether a
+model can take this path is decided once per head (`head_plan`): the head must be a plain
+`nn.Linear` (a frozen one under LoRA too; peft wrappers of the head keep the old path),
+and a one-token probe must show that what the model returns as logits is exactly what the
+head returned once the epilogues we reproduce (softcapping, logit scales) are switched off
+in the model; any other post-processing keeps the old path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from distft.chunked_ce import Epilogue, chunked_nll_sum
 from distft.data import IGNORE, Batch
 
 
@@ -56,11 +70,105 @@ def rows_of(head: torch.nn.Module | None, keep: torch.Tensor) -> Iterator[bool]:
         handle.remove()
 
 
-def nll_sum(model: Any, batch: Batch) -> torch.Tensor:
-    """Summed NLL of the batch's target tokens (a scalar that back-propagates)."""
+@dataclass(frozen=True)
+class HeadPlan:
+    """How the chunked loss replaces a model's head: the `nn.Linear` whose forward computes
+    the loss, the epilogue it reproduces, and the model settings that switch the model's
+    own epilogue off meanwhile ((object, attribute, neutral value))."""
+
+    linear: torch.nn.Linear
+    epilogue: Epilogue
+    neutral: tuple[tuple[Any, str, Any], ...]
+
+
+_PLAN_ATTR = "_distft_head_plan"  # the decision, kept on the head (HeadPlan or None)
+_PROBE = 1.5  # the value the probe's head returns; any epilogue left on changes it
+
+
+def _causal_lm(model: Any) -> Any:
+    inner = getattr(model, "module", model)  # DeepSpeedEngine.module
+    get_base = getattr(inner, "get_base_model", None)  # peft
+    return get_base() if callable(get_base) else inner
+
+
+def _epilogue(model: Any) -> tuple[Epilogue, tuple[tuple[Any, str, Any], ...]]:
+    """The epilogue the model applies to the head's output (as far as distft reproduces
+    one), and the settings that switch the model's own off."""
+    lm = _causal_lm(model)
+    config = getattr(lm, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    divide = getattr(config, "logits_scaling", None)  # Granite
+    multiply = getattr(lm, "logit_scale", None)  # Cohere (a plain float attribute)
+    neutral: list[tuple[Any, str, Any]] = []
+    ep = Epilogue()
+    if isinstance(cap, (int, float)):
+        neutral.append((config, "final_logit_softcapping", None))
+        ep = replace(ep, softcap=float(cap))
+    if isinstance(divide, (int, float)) and divide != 1:
+        neutral.append((config, "logits_scaling", 1.0))
+        ep = replace(ep, divide=float(divide))
+    if isinstance(multiply, (int, float)) and multiply != 1:
+        neutral.append((lm, "logit_scale", 1.0))
+        ep = replace(ep, multiply=float(multiply))
+    return ep, tuple(neutral)
+
+
+@contextmanager
+def _head_computes(plan: HeadPlan, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While active, the head's forward is `fn` (hooks, DeepSpeed's included, still run)
+    and the model's own epilogue is off."""
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in plan.neutral]
+    plan.linear.forward = fn  # type: ignore[method-assign,assignment]  # the instance's
+    try:
+        for obj, attr, value in plan.neutral:
+            setattr(obj, attr, value)
+        yield
+    finally:
+        del plan.linear.forward
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
+
+def head_plan(model: Any, head: torch.nn.Module, batch: Batch) -> HeadPlan | None:
+    """The chunked-loss plan of `model`'s head, or None when it keeps the old path.
+    Decided once per head; the first call runs a one-token no-grad probe of the model."""
+    if _PLAN_ATTR in head.__dict__:
+        decided: HeadPlan | None = head.__dict__[_PLAN_ATTR]
+        return decided
+    plan = None
+    if type(head) is torch.nn.Linear and "forward" not in head.__dict__:
+        plan = HeadPlan(head, *_epilogue(model))
+        # one token of the batch alone: no mask (a packed batch's 4-D mask has no 1-token
+        # slice), position 0
+        inputs = {"input_ids": batch.input_ids[:1, :1]}
+        sentinel = torch.full((), _PROBE, device=batch.input_ids.device)
+        devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
+        probe = _head_computes(plan, lambda _hidden: sentinel)
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), probe:
+            logits = model(**inputs).logits
+        if not (logits.dim() == 0 and logits.item() == _PROBE):  # exact: nothing computed
+            plan = None
+    head.__dict__[_PLAN_ATTR] = plan  # not a module attribute: no state dict entry
+    return plan
+
+
+def nll_sum(model: Any, batch: Batch, chunk: int | None = None) -> torch.Tensor:
+    """Summed NLL of the batch's target tokens (a scalar that back-propagates). `chunk`:
+    target rows per chunk of the head + cross-entropy (None/0: the whole head at once)."""
     targets = shifted_targets(batch.labels) if batch.shift_labels is None else batch.shift_labels
     keep = targets != IGNORE
-    with rows_of(output_head(model), keep) as selected:
+    head = output_head(model)
+    plan = head_plan(model, head, batch) if chunk and head is not None else None
+    if plan is not None and chunk:
+        rows, size, epilogue, linear = targets[keep], chunk, plan.epilogue, plan.linear
+
+        def loss(hidden: torch.Tensor) -> torch.Tensor:
+            return chunked_nll_sum(hidden, linear.weight, linear.bias, rows, size, epilogue)
+
+        with rows_of(head, keep), _head_computes(plan, loss):
+            out: torch.Tensor = model(**batch.model_inputs()).logits  # the loss
+        return out
+    with rows_of(head, keep) as selected:
         logits = model(**batch.model_inputs()).logits  # ids, mask, position ids (packed)
     if not selected:  # no head to hook: every position's logits came back
         logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)

@@ -41,21 +41,25 @@ from distft.objective import nll_sum
 
 
 @torch.no_grad()
-def evaluate(engine: Any, batches: list[Batch], dist: DistContext) -> float:
+def evaluate(
+    engine: Any, batches: list[Batch], dist: DistContext, chunk: int | None = None
+) -> float:
     """Token-weighted mean NLL over the whole eval split (all ranks)."""
     was_training = engine.module.training
     engine.module.eval()
     total = count = 0.0
     for b in batches:
-        total, count = total + nll_sum(engine, b.to(dist.device)).item(), count + b.n_targets
+        total, count = total + nll_sum(engine, b.to(dist.device), chunk).item(), count + b.n_targets
     engine.module.train(was_training)
     total, count = dist.sum([total, count])
     return total / max(count, 1.0)
 
 
-def evaluate_all(engine: Any, sets: dict[str, list[Batch]], dist: DistContext) -> dict[str, float]:
+def evaluate_all(
+    engine: Any, sets: dict[str, list[Batch]], dist: DistContext, chunk: int | None = None
+) -> dict[str, float]:
     """Each eval set's loss by its metric key (`eval/loss`, `eval/<name>/loss`), in order."""
-    return {key: evaluate(engine, batches, dist) for key, batches in sets.items()}
+    return {key: evaluate(engine, batches, dist, chunk) for key, batches in sets.items()}
 
 
 def train(
@@ -90,7 +94,7 @@ def train(
         loss_sum = torch.zeros((), device=dist.device)
         own_norm = None
         for b in micro_batches:
-            s = nll_sum(engine, b)
+            s = nll_sum(engine, b, cfg.model.loss_chunk_size)
             engine.backward(s * scale, scale_wrt_gas=False)
             if engine.is_gradient_accumulation_boundary():
                 own_norm = _norm_deepspeed_does_not_report(engine)
@@ -116,7 +120,7 @@ def train(
         }
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
             with watchdog.phase("eval", step):
-                metrics.update(evaluate_all(engine, eval_data, dist))
+                metrics.update(evaluate_all(engine, eval_data, dist, cfg.model.loss_chunk_size))
         if step % cfg.logging.every_n_steps == 0 or step == data.total_steps:
             logger.log(metrics, step)
         progress(step, metrics)

@@ -108,7 +108,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     with watchdog.watching(cfg.watchdog, cfg.output_dir, dist.rank, dist.world_size):
         if evals and state.step == 0:
             with watchdog.phase("eval", 0):
-                logger.log(evaluate_all(engine, evals, dist), 0)
+                logger.log(evaluate_all(engine, evals, dist, cfg.model.loss_chunk_size), 0)
         train(cfg, dist, engine, batches, evals, logger, state.step, stop_requested, on_step_end)
         if stopped_by:
             dist.log(f"stopped at step {state.step} ({stopped_by[0]}); checkpoint committed")
@@ -116,7 +116,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             return
         if evals:
             with watchdog.phase("eval", state.step):
-                final_evals = evaluate_all(engine, evals, dist)
+                final_evals = evaluate_all(engine, evals, dist, cfg.model.loss_chunk_size)
             state.record_eval(next(iter(final_evals.values())))  # best_key's
             logger.log(final_evals, state.step)
         state.finished_at_step = state.step  # the schedule is complete: a rerun has nothing to do

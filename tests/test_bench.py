@@ -180,3 +180,21 @@ def test_gpu_script_runs_tiny_on_cpu_and_prints_its_table(tmp_path: Path) -> Non
         assert re.fullmatch(r"\d+\.\d%", mfu) and 0 < float(mfu[:-1]) < 100
         assert 0.05 < float(mem) < 16 and float(step_s) > 0
         assert (vs == "") == (system == "hf") and (system == "hf" or vs.endswith("x"))
+
+
+def test_loss_memory_runs_tiny_and_both_paths_give_the_same_loss() -> None:
+    """`bench/loss_memory.py` at a tiny size on CPU: a table row per token count, and the
+    chunked loss equal to the head at once (fp32 sums of 96 terms, reassociated)."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loss_memory", "--vocab", "300", "--hidden", "16",
+         "--tokens", "96", "--chunk", "40", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert any(ln.startswith("| 96 | ") and ln.endswith("x |") for ln in proc.stdout.splitlines())
+    rows = {r["method"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert set(rows) == {"unchunked", "chunked"}
+    want = rows["unchunked"]["loss"]
+    assert abs(rows["chunked"]["loss"] - want) <= 1e-6 * abs(want)

@@ -57,6 +57,12 @@ class ModelConfig(_Section):
     neftune_alpha: float | None = Field(
         None, gt=0, description="NEFTune noise alpha on the input embeddings (training only)."
     )
+    loss_chunk_size: int | None = Field(
+        1024,
+        ge=0,
+        description="Target tokens per chunk of the LM head + cross-entropy, recomputed in "
+        "backward (peak loss memory O(chunk x vocab)); null or 0: the whole head at once.",
+    )
 
     @field_validator("add_special_tokens")
     @classmethod
