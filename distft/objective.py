@@ -17,7 +17,7 @@ its forward pre-hook and releases it in its forward hook; the chunked forward co
 head's gradients while the weight is there (its backward needs no weight). Whether a
 model can take this path is decided once per head (`head_plan`): the head must be a plain
 `nn.Linear` (a frozen one under LoRA too; peft wrappers of the head keep the old path),
-and a one-token probe must show that what the model returns as logits is exactly what the
+and a no-grad probe forward (the first batch) must show that what the model returns as logits is exactly what the
 head returned once the epilogues we reproduce (softcapping, logit scales) are switched off
 in the model; any other post-processing keeps the old path.
 """
@@ -131,16 +131,17 @@ def _head_computes(plan: HeadPlan, fn: Callable[[torch.Tensor], torch.Tensor]) -
 
 def head_plan(model: Any, head: torch.nn.Module, batch: Batch) -> HeadPlan | None:
     """The chunked-loss plan of `model`'s head, or None when it keeps the old path.
-    Decided once per head; the first call runs a one-token no-grad probe of the model."""
+    Decided once per head; the first call runs a no-grad probe forward of `batch`."""
     if _PLAN_ATTR in head.__dict__:
         decided: HeadPlan | None = head.__dict__[_PLAN_ATTR]
         return decided
     plan = None
     if type(head) is torch.nn.Linear and "forward" not in head.__dict__:
         plan = HeadPlan(head, *_epilogue(model))
-        # one token of the batch alone: no mask (a packed batch's 4-D mask has no 1-token
-        # slice), position 0
-        inputs = {"input_ids": batch.input_ids[:1, :1]}
+        # the batch itself, not a slice of it: every attention kernel sees the shapes it is
+        # built for (Ulysses' fixed sequence shards, a packed row's 4-D mask). One no-grad
+        # forward, once per process.
+        inputs = batch.model_inputs()
         sentinel = torch.full((), _PROBE, device=batch.input_ids.device)
         devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
         probe = _head_computes(plan, lambda _hidden: sentinel)
