@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distft import neftune, vocab
+from distft import neftune, quant, vocab
 from distft.config import Config, Precision
 from distft.errors import UserError
 from distft.lora import _adapted, lora_plan, with_lora
@@ -219,7 +219,9 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     """Load the causal LM; wrap it with LoRA adapters when `lora.enabled`.
 
     Under ZeRO-3 the weights are loaded straight into partitions (DeepSpeed's zero.Init,
-    via transformers' HfDeepSpeedConfig), so no rank ever holds the whole model.
+    via transformers' HfDeepSpeedConfig), so no rank ever holds the whole model. A 4-bit
+    base (`lora.quantize_base`, `distft.quant`) is loaded whole on each rank (transformers
+    skips zero.Init for quantised models) and partitioned by `deepspeed.initialize`.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -234,6 +236,7 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
         trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=resolved_attention(cfg),
         revision=cfg.model.revision,
+        quantization_config=quant.bnb_config(cfg, load_dtype(cfg)),
     )
     if vocab.customised(cfg):  # while transformers sees ZeRO-3: the resize gathers
         vocab.resize(model, cfg, load_tokenizer(cfg))

@@ -18,6 +18,7 @@ from pydantic import (
 
 from distft.config.base import _Section
 from distft.config.data import DataConfig
+from distft.quant import missing_package as _missing_bnb
 
 
 class Precision(str, Enum):
@@ -90,6 +91,17 @@ class LoraConfig(_Section):
         default_factory=list,
         description="Modules trained whole and saved with the adapter (e.g. lm_head); each "
         "must match a module of the model.",
+    )
+    use_dora: bool = Field(
+        False, description="DoRA: a trained magnitude per output row on top of LoRA (peft)."
+    )
+    use_rslora: bool = Field(
+        False, description="rsLoRA: scale the adapters by alpha/sqrt(r) instead of alpha/r."
+    )
+    quantize_base: Literal["nf4", "fp4"] | None = Field(
+        None,
+        description="QLoRA: the base model's linear layers in 4 bits (bitsandbytes, double "
+        "quantisation, computed in the training dtype); null: the training dtype.",
     )
 
     @field_validator("target_modules")
@@ -314,9 +326,47 @@ class Config(_Section):
                 "the modules while their weights are partitioned); use zero_stage 2, or "
                 "model.add_special_tokens to train new tokens' rows alone"
             )
+        problems += self._adapter_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _adapter_problems(self) -> list[str]:
+        """DoRA, rsLoRA and the 4-bit base: each needs LoRA; the 4-bit base needs
+        bitsandbytes and keeps its weights on the worker (no ZeRO-3 parameter offload)."""
+        lora, ds, problems = self.lora, self.deepspeed, []
+        for key, on in (("use_dora", lora.use_dora), ("use_rslora", lora.use_rslora)):
+            if on and not lora.enabled:
+                problems.append(f"lora.{key}: needs lora.enabled: true")
+        if lora.quantize_base is None:
+            return problems
+        if not lora.enabled:
+            problems.append(
+                "lora.quantize_base: needs lora.enabled: true (a full fine-tune trains the "
+                "base weights, which stay frozen in 4 bits)"
+            )
+        if ds.offload_param == "cpu":
+            problems.append(
+                "lora.quantize_base: not with deepspeed.offload_param: 'cpu' (bitsandbytes' "
+                "packed weights and their quant state must stay on the worker's device); "
+                "a 4-bit base is already small: use offload_param: none"
+            )
+        if self.model.dtype not in ("auto", ds.precision.value):
+            problems.append(
+                f"lora.quantize_base: model.dtype {self.model.dtype} differs from "
+                f"deepspeed.precision {ds.precision.value}; the packed 4-bit weights are "
+                "stored in the training dtype, which DeepSpeed's cast would corrupt "
+                "(set model.dtype: auto)"
+            )
+        if lora.use_dora and not self.cluster.use_gpu:
+            problems.append(
+                "lora.use_dora: not with lora.quantize_base on CPU workers (peft's DoRA "
+                "replaces the packed 4-bit weight on CPU at every forward, which DeepSpeed "
+                "then no longer finds); use a GPU, or a base in the training dtype"
+            )
+        if missing := _missing_bnb():
+            problems.append(missing)
+        return problems
 
     @property
     def output_dir(self) -> Path:
