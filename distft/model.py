@@ -252,10 +252,12 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total), counting ZeRO-3 partitioned params at their full size."""
+    """(trainable, total), counting ZeRO-3 partitioned params at their full size and a
+    4-bit base's packed weights (bitsandbytes' Params4bit) at their unpacked size."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        state = getattr(p, "quant_state", None)
+        n = state.shape.numel() if state is not None else getattr(p, "ds_numel", p.numel())
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
