@@ -1,4 +1,5 @@
-"""LoRA (and its DoRA / rsLoRA variants, `lora.use_dora`, `lora.use_rslora`): which layers peft adapts (checked against the architecture on the driver, and
+"""LoRA (and its DoRA / rsLoRA variants, `lora.use_dora`, `lora.use_rslora`): which
+layers peft adapts (checked against the architecture on the driver, and
 rebuilt the same way on the workers and by exports), `lora.modules_to_save`, and the
 added tokens' trained rows (`distft.vocab.trainable_tokens`)."""
 

@@ -40,7 +40,9 @@ def test_variants_need_lora(tiny: Any, key: str) -> None:
 def test_quantised_base_refusals(tiny: Any) -> None:
     stage3_offload = {"zero_stage": 3, "offload_param": "cpu", "precision": "bf16"}
     problems = refused(tiny, lora=lora(quantize_base="nf4"), deepspeed=stage3_offload)
-    assert any("offload_param: 'cpu'" in p and p.startswith("lora.quantize_base:") for p in problems)
+    assert any(
+        "offload_param: 'cpu'" in p and p.startswith("lora.quantize_base:") for p in problems
+    )
     # the packed weights are stored in the training dtype: a different load dtype would be cast
     problems = refused(
         tiny,
@@ -151,7 +153,9 @@ def test_qlora_model_on_cpu(tiny: Any) -> None:
     theirs = dict(again.named_parameters())
     # Exact: the same bf16 weights quantised by the same deterministic kernel. Compared as
     # bytes: packed 4-bit codes read as bf16 can be NaN patterns, which never compare equal
-    assert all(torch.equal(p.view(torch.uint8), theirs[n].view(torch.uint8)) for n, p in mine.items())
+    assert all(
+        torch.equal(p.view(torch.uint8), theirs[n].view(torch.uint8)) for n, p in mine.items()
+    )
     assert all(
         torch.equal(p.quant_state.absmax, theirs[n].quant_state.absmax) for n, p in mine.items()
     )
