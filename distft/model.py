@@ -240,12 +240,16 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     )
     if vocab.customised(cfg):  # while transformers sees ZeRO-3: the resize gathers
         vocab.resize(model, cfg, load_tokenizer(cfg))
-    del hf_ds
+    if not cfg.lora.use_dora:
+        # DoRA keeps it until peft has wrapped the model: peft computes each magnitude from
+        # the whole base weight, gathered only while transformers sees ZeRO-3
+        hf_ds = None
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = with_lora(model, cfg)
+    del hf_ds
     if cfg.model.neftune_alpha is not None:  # after peft: it may replace the embeddings
         neftune.attach(model, cfg.model.neftune_alpha)
     return model
