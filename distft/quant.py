@@ -71,3 +71,25 @@ def bnb_config(cfg: Config, dtype: torch.dtype) -> Any:
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=dtype,
     )
+
+
+_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def skip_quant_state_on_load(model: torch.nn.Module) -> None:
+    """A checkpoint of a 4-bit run holds, beside each packed weight, its quant state as
+    extra entries (`...weight.absmax`, `...weight.quant_state.bitsandbytes__nf4`, ...),
+    which `load_state_dict` would refuse as unexpected keys on resume. They describe the
+    frozen base, which every start rebuilds identically (the same weights, the same
+    deterministic quantisation), so loading drops them; every other key stays strict."""
+
+    def drop(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key in [k for k in state_dict if _is_quant_state(k)]:
+            del state_dict[key]
+
+    model.register_load_state_dict_pre_hook(drop)
+
+
+def _is_quant_state(key: str) -> bool:
+    weight, _, rest = key.rpartition(".weight.")
+    return bool(weight) and (rest in _STATE_SUFFIXES or rest.startswith("quant_state."))
