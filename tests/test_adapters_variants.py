@@ -159,3 +159,24 @@ def test_qlora_model_on_cpu(tiny: Any) -> None:
     assert all(
         torch.equal(p.quant_state.absmax, theirs[n].quant_state.absmax) for n, p in mine.items()
     )
+
+
+@needs_bnb
+def test_qlora_state_dict_reloads_strictly(tiny: Any) -> None:
+    """Resume: the engine reloads the module's own state dict strictly. A 4-bit base adds
+    its quant state as extra entries, which the model built for a run drops on load (its
+    base is rebuilt identically); the trained weights still load, and a missing one still
+    fails."""
+    cfg = make_cfg(tiny, lora=lora(quantize_base="nf4"), deepspeed={"precision": "bf16"})
+    model = build_model(cfg, {})
+    state = model.state_dict()
+    params = {n for n, _ in model.named_parameters()}
+    extra = {k for k in state if k not in params and not k.endswith("inv_freq")}
+    assert extra and all(quant._is_quant_state(k) for k in extra)
+    assert not any(quant._is_quant_state(k) for k in params)
+    trained = {k: torch.full_like(v, 0.5) for k, v in state.items() if k in lora_names(model)}
+    model.load_state_dict({**state, **trained}, strict=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    missing = {k: v for k, v in state.items() if k != next(iter(trained))}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(missing, strict=True)
