@@ -236,7 +236,7 @@ def _verify_adapter(out: Path, ckpt: Path, cfg: Config, inputs: list) -> str:
         names = list(f.keys())
         dtype = f.get_slice(names[0]).get_dtype() if names else "F32"
     v.check_adapter_file(out / hf.ADAPTER, len(read_layout(ckpt, trainable_only=True).tensors))
-    model = PeftModel.from_pretrained(hf.base_model(cfg), out)
+    model = PeftModel.from_pretrained(hf.base_model(cfg, trained=True), out)
     got = v.logits(model, inputs)
     with model.disable_adapter():
         changed = v.check_changes(got, v.logits(model, inputs), torch.float32)
@@ -368,7 +368,7 @@ def _verify_final(
         from peft import PeftModel
 
         v.check_adapter_file(out / hf.ADAPTER, len(hf.lora_names(engine.module)))
-        model = PeftModel.from_pretrained(hf.base_model(cfg, dtype), out)
+        model = PeftModel.from_pretrained(hf.base_model(cfg, dtype, trained=True), out)
         got = v.logits(model, inputs)
         with model.disable_adapter():
             v.check_changes(got, v.logits(model, inputs), dtype)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from distft import model as model_mod
-from distft import vocab
+from distft import quant, vocab
 from distft.config import Config
 from distft.errors import UserError
 from distft.lora import with_lora as _with_lora
@@ -152,13 +152,21 @@ def meta_model(cfg: Config, lora: bool) -> Any:
     return _with_lora(model, cfg) if lora else model
 
 
-def base_model(cfg: Config, dtype: torch.dtype = torch.float32) -> Any:
-    """The base model's weights, as training started from them."""
+def base_model(cfg: Config, dtype: torch.dtype = torch.float32, trained: bool = False) -> Any:
+    """The base model's weights, as training started from them. `trained`: the base the
+    adapters trained on; for a 4-bit base (`lora.quantize_base`) that is the base quantised
+    from the training dtype as the workers quantised it (`dtype` is then ignored). Without
+    it, the full-precision base (what `--merge-lora` folds the adapter into)."""
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
+    q = quant.bnb_config(cfg, model_mod.load_dtype(cfg)) if trained else None
     model = AutoModelForCausalLM.from_pretrained(
-        m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision
+        m.name_or_path,
+        dtype=model_mod.load_dtype(cfg) if q is not None else dtype,
+        trust_remote_code=m.trust_remote_code,
+        revision=m.revision,
+        quantization_config=q,
     )
     if vocab.customised(cfg):  # the embeddings grown as training grew them
         vocab.resize(model, cfg, load_tokenizer(cfg))

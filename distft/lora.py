@@ -1,4 +1,5 @@
-"""LoRA: which layers peft adapts (checked against the architecture on the driver, and
+"""LoRA (and its DoRA / rsLoRA variants, `lora.use_dora`, `lora.use_rslora`): which
+layers peft adapts (checked against the architecture on the driver, and
 rebuilt the same way on the workers and by exports), `lora.modules_to_save`, and the
 added tokens' trained rows (`distft.vocab.trainable_tokens`)."""
 
@@ -137,6 +138,8 @@ def with_lora(model: Any, cfg: Config) -> torch.nn.Module:
         target_parameters=plan.target_parameters or None,
         modules_to_save=list(lora.modules_to_save) or None,
         trainable_token_indices=tokens,  # type: ignore[arg-type]  # a dict is documented
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,  # scaling alpha / sqrt(r) instead of alpha / r
     )
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()

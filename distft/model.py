@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distft import neftune, vocab
+from distft import neftune, quant, vocab
 from distft.config import Config, Precision
 from distft.errors import UserError
 from distft.lora import _adapted, lora_plan, with_lora
@@ -222,7 +222,9 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     """Load the causal LM; wrap it with LoRA adapters when `lora.enabled`.
 
     Under ZeRO-3 the weights are loaded straight into partitions (DeepSpeed's zero.Init,
-    via transformers' HfDeepSpeedConfig), so no rank ever holds the whole model.
+    via transformers' HfDeepSpeedConfig), so no rank ever holds the whole model. A 4-bit
+    base (`lora.quantize_base`, `distft.quant`) is loaded whole on each rank (transformers
+    skips zero.Init for quantised models) and partitioned by `deepspeed.initialize`.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -237,25 +239,34 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
         trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=resolved_attention(cfg),
         revision=cfg.model.revision,
+        quantization_config=quant.bnb_config(cfg, load_dtype(cfg)),
     )
     if vocab.customised(cfg):  # while transformers sees ZeRO-3: the resize gathers
         vocab.resize(model, cfg, load_tokenizer(cfg))
-    del hf_ds
+    if not cfg.lora.use_dora:
+        # DoRA keeps it until peft has wrapped the model: peft computes each magnitude from
+        # the whole base weight, gathered only while transformers sees ZeRO-3
+        hf_ds = None
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = with_lora(model, cfg)
+    del hf_ds
+    if cfg.lora.quantize_base is not None:
+        quant.skip_quant_state_on_load(model)  # resume: the base's quant state is rebuilt
     if cfg.model.neftune_alpha is not None:  # after peft: it may replace the embeddings
         neftune.attach(model, cfg.model.neftune_alpha)
     return model
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total), counting ZeRO-3 partitioned params at their full size."""
+    """(trainable, total), counting ZeRO-3 partitioned params at their full size and a
+    4-bit base's packed weights (bitsandbytes' Params4bit) at their unpacked size."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        state = getattr(p, "quant_state", None)
+        n = state.shape.numel() if state is not None else getattr(p, "ds_numel", p.numel())
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

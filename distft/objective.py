@@ -17,9 +17,9 @@ its forward pre-hook and releases it in its forward hook; the chunked forward co
 head's gradients while the weight is there (its backward needs no weight). Whether a
 model can take this path is decided once per head (`head_plan`): the head must be a plain
 `nn.Linear` (a frozen one under LoRA too; peft wrappers of the head keep the old path),
-and a no-grad probe forward (the first batch) must show that what the model returns as logits is exactly what the
-head returned once the epilogues we reproduce (softcapping, logit scales) are switched off
-in the model; any other post-processing keeps the old path.
+and a no-grad probe forward (of the first batch) must show that what the model returns as
+logits is exactly what the head returned once the epilogues we reproduce (softcapping,
+logit scales) are switched off in the model; any other post-processing keeps the old path.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from distft.config.base import _Section
+from distft.config.checks import adapter_problems, sequence_parallel_problems
 from distft.config.data import DataConfig
 
 
@@ -96,6 +97,17 @@ class LoraConfig(_Section):
         default_factory=list,
         description="Modules trained whole and saved with the adapter (e.g. lm_head); each "
         "must match a module of the model.",
+    )
+    use_dora: bool = Field(
+        False, description="DoRA: a trained magnitude per output row on top of LoRA (peft)."
+    )
+    use_rslora: bool = Field(
+        False, description="rsLoRA: scale the adapters by alpha/sqrt(r) instead of alpha/r."
+    )
+    quantize_base: Literal["nf4", "fp4"] | None = Field(
+        None,
+        description="QLoRA: the base model's linear layers in 4 bits (bitsandbytes, double "
+        "quantisation, computed in the training dtype); null: the training dtype.",
     )
 
     @field_validator("target_modules")
@@ -328,7 +340,7 @@ class Config(_Section):
                 "deepspeed.precision: 'fp16' is not supported on CPU workers "
                 "(cluster.gpus_per_worker is 0); use 'bf16' or 'fp32'"
             )
-        problems += self._sequence_parallel_problems()
+        problems += sequence_parallel_problems(self)
         for tracker in (self.logging.mlflow, self.logging.tensorboard):
             if missing := tracker.missing_package():
                 problems.append(missing)
@@ -344,34 +356,10 @@ class Config(_Section):
                 "the modules while their weights are partitioned); use zero_stage 2, or "
                 "model.add_special_tokens to train new tokens' rows alone"
             )
+        problems += adapter_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-    def _sequence_parallel_problems(self) -> list[str]:
-        """Ulysses attention (distft.seqpar) discards attention masks and rebuilds causal
-        attention from position ids over the whole sequence: it needs a kernel that masks
-        causally by itself (not eager), and packed rows only with flash_attention_2 (the
-        varlen kernel separates samples by their position ids; SDPA would let them see
-        each other). Its shapes are fixed per micro-batch row count, which length-grouped
-        batches vary."""
-        sp, key = self.deepspeed.sequence_parallel_size, "deepspeed.sequence_parallel_size"
-        if sp == 1:
-            return []
-        out = []
-        if self.cluster.num_workers % sp:
-            out.append(f"{key}: {sp} must divide cluster.num_workers ({self.cluster.num_workers})")
-        attn, batching = self.model.attn_implementation, self.data.batching
-        if attn == "eager":
-            out.append(f"{key}: {sp} needs model.attn_implementation sdpa or flash_attention_2")
-        if batching == "length_grouped":
-            out.append(f"{key}: {sp} needs data.batching padded, packed or auto")
-        elif batching == "packed" and attn != "flash_attention_2":
-            out.append(
-                f"{key}: {sp} with data.batching packed needs model.attn_implementation "
-                f"flash_attention_2 (got {attn}); use data.batching padded"
-            )
-        return out
 
     @property
     def output_dir(self) -> Path:
