@@ -84,6 +84,8 @@ def make_plan(
     # Ulysses: each rank holds 1/SP of every sequence's activations; ZeRO still partitions
     # the model states over all ranks (DeepSpeed's sequence-data-parallel group).
     sequence_parallel = sequence_parallel or cfg.deepspeed.sequence_parallel_size
+    quant_bits = quant_bits or (4 if cfg.lora.quantize_base else None)  # nf4 / fp4
+    loss_chunk_size = loss_chunk_size or cfg.model.loss_chunk_size or None
     ds, _ = build_ds_config(cfg, max(1, world // sequence_parallel))
     attention = resolved_attention(cfg)
     e = 4 if cfg.deepspeed.precision == Precision.fp32 else 2

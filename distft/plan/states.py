@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from distft import quant
 from distft.plan.shape import ModelShape
 
 FP32 = 4
@@ -88,7 +89,12 @@ def quantized_bytes(shape: ModelShape, bits: int, e: int) -> int:
             and p.ndim >= 2
             and not any(k in p.name for k in ("embed", "lm_head", "wte", "wpe"))
         )
-        total += p.numel * bits // 8 + FP32 * -(-p.numel // 64) if linear else e * p.numel
+        if linear and bits == 4:  # bitsandbytes' NF4/FP4 with double quant, as distft.quant
+            total += quant.quantized_bytes(p.numel)
+        elif linear:
+            total += p.numel * bits // 8 + FP32 * -(-p.numel // 64)
+        else:
+            total += e * p.numel
     return total
 
 
@@ -96,7 +102,8 @@ def states(
     shape: ModelShape, ds: dict[str, Any], world: int, quant_bits: int | None = None
 ) -> States:
     """Bytes per rank of every model state and DeepSpeed buffer, on device and host.
-    `quant_bits`: the base model's linear layers quantised (QLoRA), ZeRO 0-2."""
+    `quant_bits`: the base model's linear layers quantised (QLoRA; under ZeRO-3 the
+    packed storage is what is partitioned)."""
     zero = ds.get("zero_optimization", {})
     stage, e = int(zero.get("stage", 0)), _bytes_of(ds)
     part = partition(shape, ds, world)
@@ -114,6 +121,8 @@ def states(
         gathered = min(live, shape.largest_module() + prefetch)
         dev["weights (gathered layer + prefetch)"] = e * gathered
         dev["weights (persistent small params)"] = e * persistent
+        if quant_bits is not None:  # the packed 4-bit storage is what ZeRO-3 partitions
+            weights = -(-quantized_bytes(shape, quant_bits, e) // world)
         (host if off_param else dev)["weights (partition)"] = weights
     elif quant_bits is not None:
         dev[f"weights ({quant_bits}-bit base)"] = quantized_bytes(shape, quant_bits, e)
