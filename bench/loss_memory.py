@@ -78,7 +78,9 @@ def _case(method: str, device: str, vocab: int, hidden: int, n: int, chunk: int)
             "loss": loss.item()}  # fmt: skip
 
 
-def step_times(vocab: int, hidden: int, tokens: int, chunk: int, reps: int) -> dict[str, float]:
+def step_times(
+    vocab: int, hidden: int, tokens: int, chunk: int, reps: int, device: str = "cpu"
+) -> dict[str, float]:
     """Median seconds of one training micro-step (`nll_sum` forward + backward) of a
     2-layer Llama of this vocabulary and width, one row of `tokens` tokens, half of them
     targets, the head at once vs chunked (interleaved, after one warm-up each)."""
@@ -94,15 +96,21 @@ def step_times(vocab: int, hidden: int, tokens: int, chunk: int, reps: int) -> d
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=tokens)  # fmt: skip
-    model = LlamaForCausalLM(config).float()
+    dev = torch.device(device)
+    model = LlamaForCausalLM(config).to(
+        dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    )
     ids = torch.randint(3, vocab, (tokens,)).tolist()
     b = collate([{"input_ids": ids, "labels": [IGNORE] * (tokens // 2) + ids[tokens // 2 :]}], 0)
+    b = b.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"unchunked": [], "chunked": []}
     for i in range(reps + 1):
         for name, c in (("unchunked", None), ("chunked", chunk)):
             t0 = time.perf_counter()
             nll_sum(model, b, c).backward()
             model.zero_grad(set_to_none=True)
+            sync()
             if i:  # the first round warms up
                 times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -173,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                                args.tokens[0], args.chunk)))  # fmt: skip
         return 0
     if args.step:
-        t = step_times(args.vocab, args.hidden, args.tokens[0], args.chunk, args.reps)
+        t = step_times(args.vocab, args.hidden, args.tokens[0], args.chunk, args.reps, args.device)
         print(
-            f"step, vocab {args.vocab}, hidden {args.hidden}, {args.tokens[0]} tokens, "
+            f"step ({args.device}), vocab {args.vocab}, hidden {args.hidden}, "
+            f"{args.tokens[0]} tokens, "
             f"chunk {args.chunk}: head at once {t['unchunked']:.3f} s, "
             f"chunked {t['chunked']:.3f} s ({t['chunked'] / t['unchunked']:.2f}x)"
         )
