@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from tests.support import read_metrics, run_cli, tiny_config, write_config
+from tests.support import read_metrics, run_cli, run_cli_concurrently, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def within_bound(text: str) -> float:
     return delta
 
 
-def _train(tiny: Any, out: Path, lora: dict[str, Any], **sections: Any) -> str:
+def _config(tiny: Any, out: Path, lora: dict[str, Any], **sections: Any) -> Path:
     cfg = tiny_config(
         tiny,
         out,
@@ -51,10 +51,31 @@ def _train(tiny: Any, out: Path, lora: dict[str, Any], **sections: Any) -> str:
         **sections,
     )
     cfg["logging"]["wandb"]["mode"] = "disabled"
-    proc = run_cli("train", str(write_config(out.parent / "config.yaml", cfg)), timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    return log
+    return write_config(out.parent / "config.yaml", cfg)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """Both runs, launched side by side (independent; compared by results only)."""
+    dora = tmp_path_factory.mktemp("dora") / "run"
+    zero3 = {
+        "zero_stage": 3,
+        "precision": "fp32",
+        "ds_config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+    }
+    configs = {"dora": _config(tiny, dora, {"use_dora": True}, deepspeed=zero3)}
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        qlora = tmp_path_factory.mktemp("qlora") / "run"
+        lora = {"quantize_base": "nf4", "use_rslora": True}
+        bf16 = {"zero_stage": 3, "precision": "bf16"}
+        configs["qlora"] = _config(tiny, qlora, lora, deepspeed=bf16)
+    procs = run_cli_concurrently(*(("train", str(c)) for c in configs.values()))
+    out: dict[str, tuple[Path, str]] = {}
+    for (name, config), proc in zip(configs.items(), procs, strict=True):
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{name}: {log[-4000:]}"
+        out[name] = (config.parent / "run", log)
+    return out
 
 
 def _export(run: Path, dest: Path, *flags: str) -> str:
@@ -70,14 +91,8 @@ def _final_line(log: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def dora_run(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("dora") / "run"
-    zero3 = {
-        "zero_stage": 3,
-        "precision": "fp32",
-        "ds_config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
-    }
-    return out, _train(tiny, out, {"use_dora": True}, deepspeed=zero3)
+def dora_run(runs: dict[str, tuple[Path, str]]) -> tuple[Path, str]:
+    return runs["dora"]
 
 
 def test_dora_trains_under_zero3_and_exports(dora_run: tuple[Path, str], tmp_path: Path) -> None:
@@ -101,12 +116,10 @@ def test_dora_trains_under_zero3_and_exports(dora_run: tuple[Path, str], tmp_pat
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    if importlib.util.find_spec("bitsandbytes") is None:
+def qlora_run(runs: dict[str, tuple[Path, str]]) -> tuple[Path, str]:
+    if "qlora" not in runs:
         pytest.skip("bitsandbytes is not installed (pip install 'distft[qlora]')")
-    out = tmp_path_factory.mktemp("qlora") / "run"
-    lora = {"quantize_base": "nf4", "use_rslora": True}
-    return out, _train(tiny, out, lora, deepspeed={"zero_stage": 3, "precision": "bf16"})
+    return runs["qlora"]
 
 
 def test_qlora_rslora_trains_under_zero3_on_cpu(
