@@ -228,10 +228,12 @@ def test_too_small_gpu_gets_a_change_that_fits() -> None:
     proposed = next(ln for ln in small.stdout.splitlines() if ln.startswith("proposed: "))
     overrides = proposed.removeprefix("proposed: ").split(" -> ")[0].split()
     assert overrides
-    # a GPU-only change (micro batch 2 with grad_accum doubled, ZeRO-3) fits 24 GiB and is
-    # cheaper than moving the optimizer to the host
+    # a GPU-only change (ZeRO-3; with the chunked loss's small loss buffers no smaller
+    # micro batch is needed) fits 24 GiB and is cheaper than moving the optimizer to the host
     assert not any("offload" in o for o in overrides), overrides
-    assert "batch.grad_accum=4" in overrides  # the global batch kept: 2 x 4 == 4 x 2
+    assert "deepspeed.zero_stage=3" in overrides
+    if any(o.startswith("batch.micro_batch_size=") for o in overrides):  # global batch kept
+        assert any(o.startswith("batch.grad_accum=") for o in overrides), overrides
     again = plan_cli(*args, *overrides, "--gpu-memory", "24GiB", "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["fits"] is True
@@ -326,9 +328,12 @@ def test_quantised_base_weights_are_about_half_a_byte_per_param() -> None:
     shape = plan.shape
     embeddings = sum(p.numel for p in shape.params if "embed" in p.name or "lm_head" in p.name)
     linear = sum(p.numel for p in shape.params if not p.trainable and p.ndim >= 2) - embeddings
-    # 0.5 byte + 4/64 byte of absmax per linear weight, 2 bytes for the rest: exact
-    # integer arithmetic on the same counts, so within the rounding of each tensor
-    expected = linear * 0.5 + linear * 4 / 64 + 2 * (shape.total - linear)
+    # bitsandbytes' nf4 with double quant (distft.quant, checked against what bitsandbytes
+    # allocates in test_adapters_variants): 0.5 byte + an 8-bit absmax per 64 weights + an
+    # fp32 scale per 256 absmaxes; 2 bytes for the rest. Within the rounding of each tensor
+    from distft.quant import bytes_per_param
+
+    expected = linear * bytes_per_param() + 2 * (shape.total - linear)
     assert abs(quantised - expected) <= 4 * len(shape.params)
 
 
