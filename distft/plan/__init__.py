@@ -102,6 +102,7 @@ def make_plan(
         micro_batch=cfg.batch.micro,
         checkpointing=cfg.model.gradient_checkpointing,
         loss_chunk_size=loss_chunk_size,
+        head_trains=not cfg.lora.enabled,
         sequence_parallel=sequence_parallel,
         masked=masked,
     )

@@ -13,8 +13,12 @@ of real tiny models in tests/test_plan.py), e = bytes of the compute dtype:
 With gradient checkpointing each layer keeps only its input (e h) and backward recomputes
 one layer at a time, so the peak adds one layer's activations.
 The loss keeps the target rows only (distft.objective): their logits (e V), the fp32 copy
-(4 V) and its log-softmax (4 V, held for backward); `loss_chunk_size` rows at a time when
-the loss is chunked.
+(4 V) and its log-softmax (4 V, held for backward). Chunked (`model.loss_chunk_size`,
+distft.chunked_ce), the gradients are computed in the forward and held until backward:
+the head weight's (e V h, when the head trains) and the hidden rows' (e h per row); a
+chunk's logits (e V), their fp32 copy and softmax (2 x 4 V) exist one chunk at a time
+(measured on an H200: 2.24 GiB for 4096 rows, V 128,256, h 4096, chunk 1024, bf16;
+this count gives 2.24).
 """
 
 from __future__ import annotations
@@ -101,11 +105,13 @@ def activations(
     loss_chunk_size: int | None = None,
     sequence_parallel: int = 1,
     masked: bool = False,
+    head_trains: bool = True,
 ) -> Activations:
     """Bytes per rank for one micro-batch of `micro_batch` sequences of `seq` tokens.
     `sequence_parallel` ranks share a sequence (each holds seq / sp tokens; attention
     sees the whole sequence for 1/sp of the heads, which this count treats as the same
-    bytes). `target_fraction`: share of tokens with a target (1.0: pretraining, packing)."""
+    bytes). `target_fraction`: share of tokens with a target (1.0: pretraining, packing).
+    `head_trains`: the LM head gets a gradient (not under LoRA)."""
     tokens = micro_batch * -(-seq // sequence_parallel)
     per_layer = layer_bytes_per_token(d, e, attention, seq, masked) * tokens
     if checkpointing:
@@ -115,11 +121,16 @@ def activations(
     # final norm + its output for the head, rotary cos/sin, ids, positions and mask
     other = (_norm(d.hidden, e) + 2 * e * d.head_dim + 8 + 8 + 1) * tokens
     rows = max(1, int(tokens * target_fraction))
-    chunk = rows if loss_chunk_size is None else min(rows, loss_chunk_size)
+    if loss_chunk_size is None:
+        loss_held, loss_transient = FP32 * d.vocab * rows, (e + FP32) * d.vocab * rows
+    else:
+        chunk = min(rows, loss_chunk_size)
+        loss_held = e * d.hidden * (rows + (d.vocab if head_trains else 0))
+        loss_transient = (e + 2 * FP32) * d.vocab * chunk
     return Activations(
         layers=layers,
         recompute=recompute,
         other=other,
-        loss_held=FP32 * d.vocab * (rows if loss_chunk_size is None else chunk),
-        loss_transient=(e + FP32) * d.vocab * chunk,
+        loss_held=loss_held,
+        loss_transient=loss_transient,
     )
