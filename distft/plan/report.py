@@ -10,6 +10,7 @@ from distft.config import Config
 from distft.config.loading import apply_overrides, from_dict
 from distft.errors import UserError
 from distft.plan import Plan, make_plan
+from distft.plan.activations import calibration_note
 
 GIB = 2**30
 
@@ -125,6 +126,8 @@ def table(plan: Plan, gpu: int | None, host: int | None) -> list[str]:
             lines.append(f"  {where:<7}{name:<37}{gib(n):>10}")
     lines.append(f"{'device total':<44}{gib(plan.device_total):>10}")
     lines.append(f"{'host total':<44}{gib(plan.host_total):>10}")
+    if note := calibration_note(plan.shape.dims.model_type):
+        lines.append(note)
     est = plan.ds_estimate
     ours_states = sum(v for k, v in plan.states.device.items() if "bucket" not in k)
     if est is not None:
@@ -173,6 +176,7 @@ def as_json(plan: Plan, gpu: int | None, host: int | None) -> dict[str, Any]:
         "world": plan.world,
         "zero_stage": plan.cfg.deepspeed.zero_stage,
         "attention": plan.attention,
+        "activations_calibrated": calibration_note(plan.shape.dims.model_type) is None,
         "micro_batch_size": plan.cfg.batch.micro,
         "partition_elements": {
             "weights": p.weights,
