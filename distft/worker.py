@@ -109,16 +109,22 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         if evals and state.step == 0:
             with watchdog.phase("eval", 0):
                 logger.log(evaluate_all(engine, evals, dist, cfg.model.loss_chunk_size), 0)
-        train(cfg, dist, engine, batches, evals, logger, state.step, stop_requested, on_step_end)
+        last = train(
+            cfg, dist, engine, batches, evals, logger, state.step, stop_requested, on_step_end
+        )
         if stopped_by:
             dist.log(f"stopped at step {state.step} ({stopped_by[0]}); checkpoint committed")
             logger.close()
             return
         if evals:
-            with watchdog.phase("eval", state.step):
-                final_evals = evaluate_all(engine, evals, dist, cfg.model.loss_chunk_size)
+            # the loop's own eval at the last step (eval.every_n_steps dividing it) is the
+            # final one: evaluated and logged once
+            final_evals = {k: v for k, v in last.items() if k.startswith("eval/")}
+            if not final_evals:
+                with watchdog.phase("eval", state.step):
+                    final_evals = evaluate_all(engine, evals, dist, cfg.model.loss_chunk_size)
+                logger.log(final_evals, state.step)
             state.record_eval(next(iter(final_evals.values())))  # best_key's
-            logger.log(final_evals, state.step)
         state.finished_at_step = state.step  # the schedule is complete: a rerun has nothing to do
         with watchdog.phase("save", state.step):
             ckpts.save(engine, state)
