@@ -38,6 +38,8 @@ class Dims:
     top_k: int = 0
     expert_intermediate: int = 0
     shared_intermediate: int = 0  # an always-on shared expert (Qwen2-MoE)
+    attn_softcap: bool = False  # Gemma-2: tanh soft-capping of the attention scores (eager)
+    final_softcap: bool = False  # Gemma-2/3: tanh soft-capping of the logits
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ def dims_of(config: Any) -> Dims:
         if experts
         else 0,
         shared_intermediate=_first(text, "shared_expert_intermediate_size"),
+        attn_softcap=getattr(text, "attn_logit_softcapping", None) is not None,
+        final_softcap=getattr(text, "final_logit_softcapping", None) is not None,
     )
 
 
