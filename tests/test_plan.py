@@ -141,6 +141,7 @@ def saved_bytes(family: str, seq: int, attention: str, checkpointing: bool) -> i
         ("gemma2", 1024, "eager", False),  # soft-capped scores and logits, 4 norms a layer
         ("gemma3", 1024, "sdpa", False),  # q/k norms, sliding and full layers
         ("phi3", 2048, "sdpa", False),  # fused qkv and gate/up projections
+        ("gpt_neox", 2048, "sdpa", False),  # LayerNorm, plain MLP, partial rotary
     ],
 )
 def test_activations_within_15_percent_of_saved(

@@ -29,9 +29,9 @@ from distft.plan.shape import Dims
 
 FP32 = 4
 # Families whose count was checked against the saved tensors of tiny models
-# (tests/test_plan.py; within 10%). Others (GPT-2 with its dropouts, GPT-NeoX's plain MLP
-# and LayerNorm) are counted as a Llama-style decoder, measured 30-90% off for them: the
-# plan says so.
+# (tests/test_plan.py; within 10%). Others, GPT-2 among them (its dropouts keep the
+# attention probabilities: measured 70-90% over the count), are counted with the same
+# formulas, and the plan says they are not calibrated.
 CALIBRATED = frozenset(
     {
         "llama",
@@ -44,6 +44,7 @@ CALIBRATED = frozenset(
         "gemma3",
         "gemma3_text",
         "phi3",
+        "gpt_neox",
     }
 )
 
@@ -98,7 +99,9 @@ def norms_per_layer(model_type: str) -> int:
 def layer_bytes_per_token(d: Dims, e: int, attention: str, seq: int, masked: bool) -> int:
     """Bytes one decoder layer saves for backward per token of a `seq`-token sequence."""
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    total = norms_per_layer(d.model_type) * _norm(d.hidden, e)
+    # LayerNorm keeps its output and a mean and rstd; RMSNorm its fp32 input, rsqrt, output
+    norm = e * d.hidden + 2 * FP32 if d.layer_norm else _norm(d.hidden, e)
+    total = norms_per_layer(d.model_type) * norm
     if d.model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"):  # q/k norms
         total += (d.heads + d.kv_heads) * _norm(d.head_dim, e)
     total += e * (q + 2 * kv) + e * q  # q, k, v after rotary; the attention output
@@ -117,8 +120,10 @@ def layer_bytes_per_token(d: Dims, e: int, attention: str, seq: int, masked: boo
         total += FP32 * d.experts + FP32
         total += d.top_k * (2 * e * d.hidden + 3 * e * d.expert_intermediate + 40)
         total += 4 * e * d.shared_intermediate
-    else:
+    elif d.gated_mlp:
         total += 4 * e * d.intermediate  # gate, up, act(gate), act(gate) * up
+    else:
+        total += 2 * e * d.intermediate  # up, act(up)
     return total
 
 

@@ -22,6 +22,9 @@ class Param:
     module: str  # the owning module's dotted name (ZeRO-3 gathers a module's params at once)
 
 
+PLAIN_MLP = frozenset({"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode"})
+
+
 @dataclass(frozen=True)
 class Dims:
     """What sizes a decoder's activations, read from the transformers config."""
@@ -40,6 +43,8 @@ class Dims:
     shared_intermediate: int = 0  # an always-on shared expert (Qwen2-MoE)
     attn_softcap: bool = False  # Gemma-2: tanh soft-capping of the attention scores (eager)
     final_softcap: bool = False  # Gemma-2/3: tanh soft-capping of the logits
+    layer_norm: bool = False  # LayerNorm (GPT-NeoX, GPT-2), not RMSNorm
+    gated_mlp: bool = True  # gate * up (Llama and most); False: up, act, down (GPT-NeoX)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ def dims_of(config: Any) -> Dims:
         shared_intermediate=_first(text, "shared_expert_intermediate_size"),
         attn_softcap=getattr(text, "attn_logit_softcapping", None) is not None,
         final_softcap=getattr(text, "final_logit_softcapping", None) is not None,
+        layer_norm=not hasattr(text, "rms_norm_eps")
+        and any(hasattr(text, k) for k in ("layer_norm_eps", "layer_norm_epsilon")),
+        gated_mlp=str(getattr(text, "model_type", "")) not in PLAIN_MLP,
     )
 
 
