@@ -71,7 +71,7 @@ def test_bad_override_and_train_exit_2_without_starting_ray(tiny: Any, tmp_path:
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert lines == [
-        "error: batch.micro_batch_size: Input should be greater than 0 (got 0)",
+        "error: batch.micro_batch_size: must be > 0 or 'auto' (got 0)",
         "error: cluster.num_workers: Input should be a valid integer, unable to parse string "
         "as an integer (got 'x')",
     ]

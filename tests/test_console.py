@@ -39,6 +39,8 @@ ALLOWED = [
     re.compile(p)
     for p in (
         r"attention: \w+ \(.+\)",
+        rf"plan: {NUM} GiB per rank \(.+\), host {NUM} GiB per rank.*",
+        r"batch\.micro_batch_size: auto -> \d+ .+",
         r"LoRA adapts: .+",
         r"workers up: \d+ workers? on \d+ nodes?; all see the output dir",
         r"(preprocessed|cached) \S+: [\d,]+ samples, [\d,]+ tokens.*",
