@@ -86,8 +86,12 @@ def test_epilogue_scales_and_cap_match_autograd() -> None:
     dz = torch.randn_like(z)
     (want,) = torch.autograd.grad(z, x, dz)
     got = ep.backward(dz.clone(), t)
-    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
-    assert torch.allclose(z, 2.0 * torch.tanh(x.detach().float() * 0.7 / 1.3 / 2.0))
+    # the hand-written chain rule vs autograd's (fp64, then fp32 as the epilogue computes):
+    # equal expressions evaluated in another order, bounded by fp32 at their magnitude
+    scale = float(want.abs().max())
+    assert_close(got, want.float(), torch.float32, Kind.REASSOCIATED, "d epilogue", scale)
+    cap = 2.0 * torch.tanh(x.detach().float() * 0.7 / 1.3 / 2.0)
+    assert_close(z, cap, torch.float32, Kind.REASSOCIATED, "epilogue", 2.0)  # |z| <= cap
 
 
 # ------------------------------------------------------------------ tiny models
