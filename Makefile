@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DISTFT := $(VENV)/bin/distft
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). A `distft train` launch is mostly a chain of single
+# processes starting up, so 2 launches at a time use a 2-core machine; 0 runs in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast lint clean cluster-deps
 
@@ -35,7 +38,7 @@ demo: venv
 	@echo "LoRA:"; grep "^eval " runs/tiny_demo_lora.txt | sed 's/^/  /'
 
 test: venv cluster-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Real Slurm + munge (tests/test_slurm.py) and iproute2 for the test hosts in network
 # namespaces (tests/netns_fixture.py); Debian/Ubuntu as root, e.g. CI. Elsewhere those

@@ -1,17 +1,39 @@
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 from distft.assets import TinyAssets, build_tiny_assets
+
+# `make test` runs the suite in 2 processes (pytest-xdist, --dist loadgroup). The session
+# fixtures below are built once for all of them, in a directory they share, under a lock:
+# the first process to need one builds it, the others wait for it and read it back.
+
+
+@contextmanager
+def _shared(factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """`<session tmp>/<name>`, locked while the caller builds or reads it. Under xdist
+    the session tmp is the parent of this process's own (`.../popen-gw0`)."""
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    with FileLock(str(base / f"{name}.lock")):
+        yield base / name
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     """The offline tiny Llama, tokenizer and datasets, built once per session."""
-    return build_tiny_assets(Path(tmp_path_factory.mktemp("assets")) / "tiny")
+    with _shared(tmp_path_factory, "assets") as root:
+        return build_tiny_assets(root / "tiny")  # reused where its READY marker matches
 
 
 @pytest.fixture(scope="session")
@@ -19,27 +41,74 @@ def cluster_reference(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory
     """The uninterrupted run that the cluster tests compare with (tests/cluster_run.py)."""
     from tests.cluster_run import reference_run
 
-    return reference_run(tiny, tmp_path_factory.mktemp("cluster_reference") / "run")
+    with _shared(tmp_path_factory, "cluster_reference") as root:
+        if not (root / "DONE").is_file():
+            reference_run(tiny, root / "run")
+            (root / "DONE").write_text("")
+        return root / "run"
 
 
 @pytest.fixture(scope="session")
 def trained(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """ZeRO-2 full, ZeRO-3 full and ZeRO-3 LoRA runs (tests/reference_runs.py), by name."""
-    from tests.reference_runs import train_all
+    from tests.reference_runs import TrainedRun, train_all
 
-    return train_all(tiny, Path(tmp_path_factory.mktemp("trained")))
+    with _shared(tmp_path_factory, "trained") as root:
+        done = root / "runs.json"
+        if not done.is_file():
+            runs = train_all(tiny, root)
+            done.write_text(json.dumps({n: _run_record(r) for n, r in runs.items()}))
+        return {
+            name: TrainedRun(
+                name,
+                rec["cfg"],
+                Path(rec["out"]),
+                subprocess.CompletedProcess(rec["args"], 0, rec["stdout"], rec["stderr"]),
+            )
+            for name, rec in json.loads(done.read_text()).items()
+        }
 
 
+def _run_record(run: Any) -> dict[str, Any]:
+    proc = run.proc
+    args = [str(a) for a in proc.args]
+    return dict(cfg=run.cfg, out=str(run.out), args=args, stdout=proc.stdout, stderr=proc.stderr)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests run only where CUDA is; elsewhere they skip and say why."""
+    """`gpu` tests run only where CUDA is; elsewhere they skip and say why. Each test
+    module is one xdist group (its module fixtures are built once), except the
+    architecture matrix: one group per family (its fixture trains per family)."""
     import torch
 
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        family = item.callspec.params.get("family") if hasattr(item, "callspec") else None
+        group = f"{module}[{family}]" if family and "test_arch_matrix" in module else module
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: BENCHMARKS.md)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its bad-input count to the controller."""
+    from tests.bad_input import COUNT
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["bad_input_cases"] = COUNT["cases"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """The controller adds up the workers' bad-input counts (xdist's hook)."""
+    from tests.bad_input import COUNT
+
+    COUNT["cases"] += getattr(node, "workeroutput", {}).get("bad_input_cases", 0)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
