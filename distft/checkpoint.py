@@ -210,7 +210,11 @@ class CheckpointCoordinator:
             shutil.rmtree(staging)  # leftovers of a crashed save at this step
         self.dist.barrier()
         t_write = time.perf_counter()
-        engine.save_checkpoint(str(self.partial), tag=tag, save_latest=False)
+        # Frozen parameters (a LoRA run's base) are left out: they never change, and a
+        # resume rebuilds them from model.name_or_path (`load_trainable`, fingerprinted)
+        engine.save_checkpoint(
+            str(self.partial), tag=tag, save_latest=False, exclude_frozen_parameters=True
+        )
         faults.maybe_crash("save", state.step, self.dist.rank)
         (staging / f"rng_rank{self.dist.rank}.json").write_text(
             json.dumps(rng_state(self.dist.device))
@@ -304,6 +308,7 @@ class CheckpointCoordinator:
                 tag=ckpt.name,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=True,
+                custom_load_fn=load_trainable,
             )
         else:
             self.dist.log(
@@ -383,3 +388,18 @@ def check_before_launch(cfg: Config) -> None:
 
 
 _DRIVER = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load (`custom_load_fn`) for checkpoints saved without frozen
+    parameters: exactly the frozen parameters may be missing (they keep the weights the
+    model was built with); any other missing or unexpected key is an error, as with a
+    strict load."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint does not match the model: missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
+        )

@@ -67,11 +67,27 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         Path(s.path) for s in all_specs(cfg.data) if s.path is not None and Path(s.path).exists()
     ]
     out["data_files"] = hash_files([f for p in local for f in data_files(p)])
+    if cfg.lora.enabled and (base := Path(cfg.model.name_or_path)).is_dir():
+        out["base_weights"] = base_weights_key(base)
     tok_dir = Path(cfg.model.tokenizer or cfg.model.name_or_path)
     if tok_dir.is_dir():
         out["tokenizer"] = hash_files([p for p in tok_dir.glob("*token*") if p.is_file()])
     return out
 
 
+def base_weights_key(folder: Path) -> str:
+    """The base model's weight files by name, size and modification time, not content: a
+    LoRA checkpoint does not hold the frozen base (distft.checkpoint), so a resume must
+    find the same files, and reading 16 GB at every start to prove it is not an option."""
+    stats = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix in (".safetensors", ".bin") and p.is_file():
+            st = p.stat()
+            stats.append((p.name, st.st_size, st.st_mtime_ns))
+    return xxhash.xxh3_64_hexdigest(json.dumps(stats).encode())
+
+
 def fingerprint_changes(saved: dict[str, str], current: dict[str, str]) -> list[str]:
-    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    """The names whose hashes differ. A name the saved fingerprint lacks was not recorded
+    by the distft that saved it (a newer check), so there is nothing to compare."""
+    return sorted(k for k in saved if saved[k] != current.get(k))

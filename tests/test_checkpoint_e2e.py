@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from distft import safeload
 from distft.tolerance import Kind, assert_close
 from tests.support import (
     DISTFT,
@@ -34,6 +35,7 @@ from tests.support import (
 pytestmark = pytest.mark.slow
 
 STEPS = 24
+METADATA = 256 << 10  # DeepSpeed's pickled config and shapes (measured ~100 KB for 2 ranks)
 ZERO3 = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 SETUPS = {
     "zero2": {"deepspeed": {"zero_stage": 2, "precision": "fp32"}},
@@ -41,6 +43,10 @@ SETUPS = {
     "zero3_lora": {
         "deepspeed": {"zero_stage": 3, "precision": "fp32", "ds_config": ZERO3},
         # dropout > 0: the RNG state must be restored for the resumed steps to match
+        "lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.1},
+    },
+    "zero2_lora": {  # ZeRO 0-2 kept the whole frozen base in every checkpoint once
+        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
         "lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.1},
     },
 }
@@ -128,7 +134,7 @@ def reference(tiny: Any, small_train: Path, tmp_path_factory: pytest.TempPathFac
     pool.shutdown(wait=True)
 
 
-@pytest.mark.parametrize("setup", ["zero3", "zero3_lora"])  # zero2: the SIGTERM test
+@pytest.mark.parametrize("setup", ["zero3", "zero3_lora", "zero2_lora"])  # zero2: SIGTERM
 def test_stop_and_resume_is_bit_exact(setup, reference, tiny, small_train, tmp_path) -> None:
     reference(setup)  # runs beside this test's own runs
     out = tmp_path / "run"
@@ -139,6 +145,26 @@ def test_stop_and_resume_is_bit_exact(setup, reference, tiny, small_train, tmp_p
     second = ok(train(cfg))
     assert "resumed from" in second.stdout and "at step 17" in second.stdout
     assert_identical(out, reference(setup).result())
+    if "lora" in setup:
+        assert_no_frozen_base(out)
+
+
+def assert_no_frozen_base(out: Path) -> None:
+    """A LoRA checkpoint holds the adapters and their optimizer state, not the frozen base:
+    no base weight in any model-state file, and about 4x the adapter's fp32 bytes (weights,
+    fp32 masters, two Adam moments) plus DeepSpeed's metadata."""
+    final = out / "final" / "adapter_model.safetensors"
+    adapter = sum(t.numel() * 4 for t in load_file(final).values())
+    engine = safeload.checkpoint_engine()
+    for ckpt in (out / "checkpoints").glob("step_*"):
+        for f in ckpt.glob("*model_states.pt"):
+            state = engine.load(str(f), map_location="cpu")
+            names = [k for k, v in state["module"].items() if v.numel()]
+            assert all("lora_" in k for k in names), (f, names[:5])
+            assert not state.get("frozen_param_fragments"), f
+        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        print(f"CKPT {ckpt.name} {size} bytes, adapter fp32 {adapter}")
+        assert size < 4 * adapter + METADATA, (ckpt, size, adapter)
 
 
 def test_torn_save_and_corrupted_checkpoint_fall_back_to_the_last_good_one(

@@ -209,6 +209,41 @@ def test_fingerprint_hashes_files_inside_data_folders(tmp_path: Path) -> None:
     assert fingerprint_changes(before, fingerprint(cfg)) == ["data_files"]
 
 
+def test_lora_fingerprint_names_the_base_weights_the_checkpoint_leaves_out(tmp_path: Path) -> None:
+    """A LoRA checkpoint holds no base weights, so the resume must find the same base files
+    (by name, size and mtime: no 16 GB read at start); a fingerprint saved before that
+    check existed has no such key, and nothing is compared for it."""
+    import os
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / "model.safetensors").write_bytes(b"x" * 64)
+    cfg = _cfg(tmp_path)
+    cfg.model.name_or_path = str(base_dir)
+    cfg.lora.enabled = True
+    before = fingerprint(cfg)
+    assert "base_weights" in before and "base_weights" not in fingerprint(_cfg(tmp_path))
+    os.utime(base_dir / "model.safetensors", ns=(1, 1))  # replaced by another copy
+    assert fingerprint_changes(before, fingerprint(cfg)) == ["base_weights"]
+    older = {k: v for k, v in before.items() if k != "base_weights"}
+    assert fingerprint_changes(older, fingerprint(cfg)) == []
+
+
+def test_lora_load_may_miss_only_frozen_parameters() -> None:
+    from distft.checkpoint import load_trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    saved = {k: v.clone() + 1 for k, v in model.state_dict().items() if k.startswith("1.")}
+    frozen = model[0].weight.clone()
+    load_trainable(saved, model)
+    assert torch.equal(model[1].weight, saved["1.weight"]) and torch.equal(model[0].weight, frozen)
+    with pytest.raises(CheckpointError, match=r"missing \['1.bias'\]"):
+        load_trainable({"1.weight": saved["1.weight"]}, model)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_trainable({**saved, "2.weight": frozen}, model)
+
+
 def test_preempt_flag_and_signal_handler(tmp_path: Path) -> None:
     import os
     import signal
