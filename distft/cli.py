@@ -132,6 +132,7 @@ def train(
         _print_plan_summary(cfg)
         config_mod.save_resolved(cfg, cfg.output_dir / "config.yaml")
         con.open_log(cfg.output_dir)
+        _reshard_before_launch(cfg)
         failed, preempted, wall = _run(cfg, con)
     if failed is not None:
         for line in failed.trace.splitlines():
@@ -173,6 +174,17 @@ def _print_plan_summary(cfg: config_mod.Config) -> None:
     except (UserError, OSError, ValueError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         err.print(f"plan: not available ({why})", markup=False)
+
+
+def _reshard_before_launch(cfg: config_mod.Config) -> None:
+    """A resume on another number of workers: the universal conversion, here, before Ray."""
+    from distft.reshard import convert_before_launch
+
+    resume = cfg.checkpoint.resume
+    if resume != "never":
+        source = cfg.output_dir if resume == "auto" else Path(resume)
+        if line := convert_before_launch(source, cfg.cluster.num_workers):
+            err.print(line, markup=False)
 
 
 def _run(cfg: config_mod.Config, con: RunConsole) -> tuple[TrainingFailed | None, bool, float]:
@@ -288,6 +300,27 @@ def export(
     except VerificationFailed as e:
         _fail([f"verification failed: {e}"], EXIT_FAILED)
     out.print(result.line(), markup=False)
+
+
+@app.command()
+def reshard(
+    source: Path = typer.Argument(
+        ..., help="Run directory (its newest valid checkpoint) or a checkpoints/step_* directory."
+    ),
+) -> None:
+    """Convert a checkpoint to DeepSpeed's universal form (one process per core), so a
+    resume on another number of workers starts at once."""
+    from distft.reshard import convert_before_launch
+
+    if not source.is_dir():
+        _fail([f"{source}: not a directory"], EXIT_BAD_INPUT)
+    try:
+        line = convert_before_launch(source, None)
+    except UserError as e:
+        _fail(str(e).splitlines(), EXIT_BAD_INPUT)
+    if line is None or line.startswith("reshard: not converted"):
+        _fail([line or f"{source}: no committed checkpoint"], EXIT_BAD_INPUT)
+    out.print(line, markup=False)
 
 
 @app.command()

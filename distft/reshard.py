@@ -33,21 +33,61 @@ from distft.fingerprint import hash_file
 MANIFEST = "universal_manifest.json"
 
 
-def to_universal(ckpt: Path, dist: DistContext) -> Path:
+def to_universal(ckpt: Path, dist: DistContext, processes: int = 1) -> Path:
     """Collective: the universal copy of `ckpt` (which the caller has verified against its
-    manifest), converted by rank 0 unless an intact copy of this very checkpoint exists."""
+    manifest), converted by rank 0 unless an intact copy of this very checkpoint exists.
+    In a worker it converts in-process (no fork inside a Ray worker): `distft train` does
+    it before Ray starts instead (`convert_before_launch`)."""
     target = ckpt.parent / ".universal" / ckpt.name
     if dist.is_main:
         problem = check_universal(target, ckpt) if target.exists() else None
         if problem:
             dist.log(f"converting again: {problem}")
         if problem or not target.exists():
-            _convert(ckpt, target)
+            _convert(ckpt, target, processes)
     dist.barrier()
     return target
 
 
-def _convert(ckpt: Path, target: Path) -> None:
+def convert_before_launch(source: Path, num_workers: int | None) -> str | None:
+    """On the driver, before Ray starts: when the checkpoint a resume will take (`source`:
+    a run's output_dir, newest valid checkpoint; or a checkpoint) was saved by another
+    number of workers than `num_workers` (None: whatever it was saved by), verify it and
+    convert it with one process per core. Outside any process group, so no collective
+    timeout bounds it, and the workers find the copy ready. A copy already converted (and
+    intact) is kept. Returns the line to print, or None when there is nothing to do."""
+    import time
+
+    import torch
+
+    from distft.checkpoint import CheckpointCoordinator
+
+    driver = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    if (source / "manifest.json").is_file():
+        ckpt = source
+    else:  # the newest, verified below only if it needs converting (a resume skips it if bad)
+        committed = CheckpointCoordinator(source / "checkpoints", driver, 1).committed()
+        if not committed:
+            return None
+        ckpt = committed[-1]
+    coordinator = CheckpointCoordinator(ckpt.parent, driver, 1)
+    saved_by = coordinator.read_state(ckpt).world_size
+    if num_workers is not None and saved_by == num_workers:
+        return None
+    target = ckpt.parent / ".universal" / ckpt.name
+    if target.exists() and check_universal(target, ckpt) is None:
+        return f"reshard: {target} is ready (converted before)"
+    if problem := coordinator.verify(ckpt):
+        return f"reshard: not converted: {problem}"  # the workers skip it or refuse it
+    t0, processes = time.perf_counter(), max(1, os.cpu_count() or 1)
+    to_universal(ckpt, driver, processes)
+    return (
+        f"reshard: {ckpt.name} (saved by {saved_by} workers) converted to a universal "
+        f"checkpoint in {time.perf_counter() - t0:.1f}s with {processes} processes: {target}"
+    )
+
+
+def _convert(ckpt: Path, target: Path, processes: int = 1) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     staging = target.with_name(f".{ckpt.name}.tmp")
@@ -55,8 +95,8 @@ def _convert(ckpt: Path, target: Path) -> None:
     args = argparse.Namespace(
         input_folder=str(ckpt),
         output_folder=str(staging),
-        num_extract_workers=1,  # in-process: no fork inside a Ray worker
-        num_merge_workers=1,
+        num_extract_workers=processes,  # 1: in-process (no fork inside a Ray worker)
+        num_merge_workers=processes,
         keep_temp_folder=False,
         strict=True,
         inject_missing_state=True,  # needed for checkpoints DeepSpeed wrote itself

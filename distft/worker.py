@@ -94,8 +94,10 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             stopped_by.append("batch.stop_after_steps")
         every = cfg.checkpoint.every_n_steps
         if stopped_by or (every and step % every == 0 and step < batches.total_steps):
-            with watchdog.phase("save", step):
-                ckpts.save(engine, state)
+            with watchdog.phase("save", step):  # a stop's save is written before it stops
+                ckpts.save(
+                    engine, state, in_background=cfg.checkpoint.async_save and not stopped_by
+                )
         if preempted and drain:  # tells the launcher: a Ray drain, not a signal
             preempt.note_drain(cfg.output_dir, f"{drain[0]}; checkpoint committed at step {step}")
         return bool(stopped_by)

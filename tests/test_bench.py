@@ -107,8 +107,8 @@ def test_worker_and_checkpoint_lines_are_parsed(tmp_path: Path) -> None:
     m = h._READY.search(line)
     assert m is not None
     assert m.group(1).split(", ")[-1] == "restore+logger 1.14s"
-    coordinator = (REPO / "distft" / "checkpoint.py").read_text()
-    assert 'f"checkpoint {tag} committed: {size / 1e6:.1f} MB in {now - t0:.2f}s (write "' in (
+    coordinator = (REPO / "distft" / "checkpoint" / "coordinator.py").read_text()
+    assert 'f"checkpoint {tag} committed: {size / 1e6:.1f} MB in {now - t0:.2f}s ({how})"' in (
         coordinator
     )
     log = tmp_path / "run.log"

@@ -170,13 +170,16 @@ def assert_no_frozen_base(out: Path) -> None:
 def test_torn_save_and_corrupted_checkpoint_fall_back_to_the_last_good_one(
     reference, tiny, small_train, tmp_path
 ) -> None:
-    """A crash while writing step 12 leaves it unpublished; a flipped bit in step 9 is then
-    caught by its hash: named explicitly it is refused, found by `auto` it is skipped, and
-    the run resumes from step 6 and ends exactly where the uninterrupted run does."""
+    """Saves in the background (`checkpoint.async_save`): a crash while writing step 12
+    (after the loop went on) leaves it unpublished; a flipped bit in step 9 is then caught
+    by its hash: named explicitly it is refused, found by `auto` it is skipped, and the run
+    resumes from step 6 (a background save) and ends exactly where the uninterrupted run
+    with synchronous saves does."""
     reference("zero2")  # runs beside this test's own runs
     out = tmp_path / "run"
-    cfg = config(tiny, small_train, out, "zero2")
-    crashed = train(cfg, env={"DISTFT_FAULT": "save:12:1"})  # rank 1 dies writing step 12
+    cfg = config(tiny, small_train, out, "zero2", checkpoint={"async_save": True})
+    # rank 1 dies in its background write of step 12, after its shards, before its report
+    crashed = train(cfg, env={"DISTFT_FAULT": "save:12:1"})
     assert crashed.returncode == 1, crashed.stderr[-2000:]
     ckpts = out / "checkpoints"
     assert (ckpts / ".partial" / "step_00000012").is_dir()  # torn: never published
@@ -287,9 +290,15 @@ def test_two_workers_to_one_resumes_through_universal_checkpoint(
     ok(train(cfg, "batch.stop_after_steps=17"))
     resumed = ok(train(cfg, "cluster.num_workers=1", "batch.grad_accum=4"))
     ref = reference("zero2").result()
+    # converted by `distft train` before Ray (no process group, no collective timeout),
+    # then found intact by the worker
+    assert "reshard: step_00000017 (saved by 2 workers) converted to a universal " in (
+        resumed.stderr
+    ), resumed.stderr[-3000:]
     assert "was saved by 2 workers, this run has 1: resharding through a universal" in (
         resumed.stdout
     )
+    assert "converting again" not in resumed.stdout
     assert "at step 17" in resumed.stdout
     assert (out / "checkpoints" / ".universal" / "step_00000017" / "zero").is_dir()
     mine, theirs = losses(out), losses(ref)

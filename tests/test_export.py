@@ -289,3 +289,36 @@ def test_plan_shards_and_sizes() -> None:
     assert plan_shards([], 8) == []
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
     assert parse_size("200KB") == 200_000 and parse_size("1234") == 1234
+
+
+@pytest.mark.slow
+def test_offline_reshard_converts_once_and_refuses_a_corrupted_checkpoint(
+    trained: dict[str, TrainedRun], tmp_path: Path
+) -> None:
+    """`distft reshard RUN`: the newest checkpoint of a 2-worker ZeRO-2 run, converted with
+    one process per core into `.universal/` (its manifest checked by the loader's own
+    check); a second call finds it ready; a corrupted checkpoint is one line, exit 2."""
+    from distft.reshard import check_universal
+
+    src = trained["zero2_full"]
+    run = tmp_path / "run"
+    shutil.copytree(src.out, run, ignore=shutil.ignore_patterns("ray", "final", "report*"))
+    ckpt = run / "checkpoints" / src.latest_checkpoint().name
+    first = run_cli("reshard", str(run))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"reshard: {ckpt.name} (saved by 2 workers) converted to a universal" in first.stdout
+    universal = ckpt.parent / ".universal" / ckpt.name
+    assert check_universal(universal, ckpt) is None and (universal / "zero").is_dir()
+    again = run_cli("reshard", str(ckpt))
+    assert again.returncode == 0 and "is ready (converted before)" in again.stdout, again.stdout
+
+    shutil.rmtree(universal)
+    shard = ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = run_cli("reshard", str(run))
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert len(errors) == 1 and "does not match its hash (corrupted)" in errors[0], errors
+    assert not universal.exists()

@@ -211,6 +211,9 @@ class CheckpointConfig(_Section):
         False, description="Resume even if model/data/hyperparameters changed since the save."
     )
     save_final_model: bool = True
+    async_save: bool = Field(
+        False, description="Periodic saves: snapshot, then write and commit in the background."
+    )
 
     @field_validator("output_dir")
     @classmethod

@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ import torch
 import torch.distributed as tdist
 
 from distft import __version__, diskspace, faults, reshard, safeload
+from distft.checkpoint import background
+from distft.checkpoint.state import TrainState, rng_state, set_rng_state
 from distft.config import Config
 from distft.dist import DistContext
 from distft.errors import CheckpointError
@@ -39,36 +41,6 @@ from distft.fingerprint import fingerprint_changes, hash_file
 
 MANIFEST = "manifest.json"
 STATE = "train_state.json"
-
-
-@dataclass
-class TrainState:
-    """Everything distft needs besides DeepSpeed's own state to continue exactly.
-
-    Checkpoints are taken at optimizer-step boundaries, so the gradient-accumulation
-    position is always 0 there; it is recorded to make that explicit.
-    """
-
-    step: int = 0  # optimizer steps completed
-    epoch: int = 0
-    samples_seen: int = 0  # global samples consumed: independent of the world size
-    world_size: int = 1
-    micro_step_in_accum: int = 0
-    eval_loss: float | None = None  # latest eval loss, measured at eval_step
-    eval_step: int | None = None  # keep_best ranks a checkpoint only if this == step
-    wandb_run_id: str | None = None
-    fingerprint: dict[str, str] = field(default_factory=dict)
-    version: str = __version__
-    finished_at_step: int | None = None  # == step: the schedule ended here (rerun: no-op)
-
-    def record_eval(self, loss: float) -> None:
-        """The eval loss measured now, after `step` optimizer steps."""
-        self.eval_loss, self.eval_step = loss, self.step
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainState:
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 # ------------------------------------------------------------------------ small pieces
@@ -92,28 +64,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    np_state: Any = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
-
-
 # ------------------------------------------------------------------------ coordinator
 
 
@@ -122,6 +72,7 @@ class CheckpointCoordinator:
         self.root, self.dist = root, dist
         self.keep_last, self.keep_best = keep_last, keep_best
         self.partial = root / ".partial"
+        self._pending: background.Pending | None = None  # a save still being written
 
     # -- listing and verification
     def committed(self) -> list[Path]:
@@ -190,70 +141,129 @@ class CheckpointCoordinator:
         return None
 
     # -- save
-    def save(self, engine: Any, state: TrainState) -> Path:
+    def save(self, engine: Any, state: TrainState, in_background: bool = False) -> Path:
         """Collective: every rank must call it at the same step. A write the storage
         refuses (full, over quota, read-only, I/O error) removes the partial directory
-        and raises `diskspace.WriteFailed`: the previous checkpoint stays the newest."""
+        and raises `diskspace.WriteFailed`: the previous checkpoint stays the newest.
+        `in_background`: return once the state is snapshotted; the files are written,
+        hashed and committed by a thread (`distft.checkpoint.background`), and `wait`
+        (or the next save) raises what failed there. Returns the committed path (to be,
+        in the background)."""
+        self.wait()
         staging = self.partial / f"step_{state.step:08d}"
         try:
-            return self._save(engine, state, staging)
+            return self._save(engine, state, staging, in_background)
         except Exception as e:
-            failed = diskspace.checkpoint_save_failed(e, self.root, staging, self.committed())
-            if failed is None:
-                raise
-            raise failed from None
+            raise self._failed(e, staging) from None
 
-    def _save(self, engine: Any, state: TrainState, staging: Path) -> Path:
+    def wait(self) -> None:
+        """Collective: the background save in flight, if any, is committed (rank 0 joins
+        its commit before the all-reduce); a failure on any rank is raised on every rank."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        error = pending.result()
+        failed = self.dist.sum([float(error is not None)])[0]
+        if error is not None:
+            raise self._failed(error, pending.staging)
+        if failed:
+            raise CheckpointError(
+                f"checkpoint {pending.staging.name}: its background save failed on another "
+                "rank (its log says why)"
+            )
+
+    def _failed(self, e: BaseException, staging: Path) -> BaseException:
+        failed = diskspace.checkpoint_save_failed(e, self.root, staging, self.committed())
+        return e if failed is None else failed
+
+    def _save(self, engine: Any, state: TrainState, staging: Path, in_background: bool) -> Path:
         t0 = time.perf_counter()
         tag = staging.name
         if self.dist.is_main and staging.exists():
             shutil.rmtree(staging)  # leftovers of a crashed save at this step
         self.dist.barrier()
-        t_write = time.perf_counter()
-        # Frozen parameters (a LoRA run's base) are left out: they never change, and a
-        # resume rebuilds them from model.name_or_path (`load_trainable`, fingerprinted)
-        engine.save_checkpoint(
-            str(self.partial), tag=tag, save_latest=False, exclude_frozen_parameters=True
-        )
-        faults.maybe_crash("save", state.step, self.dist.rank)
-        (staging / f"rng_rank{self.dist.rank}.json").write_text(
-            json.dumps(rng_state(self.dist.device))
-        )
+        live = engine.checkpoint_engine
+        snaps = background.snapshot_engine(live) if in_background else None
+        engine.checkpoint_engine = snaps or live
+        try:
+            # Frozen parameters (a LoRA run's base) are left out: they never change, and a
+            # resume rebuilds them from model.name_or_path (`load_trainable`, fingerprinted)
+            engine.save_checkpoint(
+                str(self.partial), tag=tag, save_latest=False, exclude_frozen_parameters=True
+            )
+        finally:
+            engine.checkpoint_engine = live
+        rng_file = f"rng_rank{self.dist.rank}.json"
+        (staging / rng_file).write_text(json.dumps(rng_state(self.dist.device)))
         if self.dist.is_main:
             (staging / STATE).write_text(json.dumps(asdict(state), indent=1))
+        if snaps is not None:
+            return self._save_in_background(snaps, staging, state, rng_file, t0)
+        faults.maybe_crash("save", state.step, self.dist.rank)
         self.dist.barrier()
-        names = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         t_hash = time.perf_counter()
-        hashes = self._hash_spread(staging, names, sync=True)
-        t_commit = time.perf_counter()
-        final = self.root / tag
+        hashes = self._hash_spread(staging, _files(staging), sync=True)
         if self.dist.is_main:
-            files: dict[str, dict[str, Any]] = {
-                n: {"size": (staging / n).stat().st_size, "xxh3_128": hashes[n]} for n in names
-            }
-            manifest = {
-                "step": state.step,
-                "world_size": self.dist.world_size,
-                "files": files,
-                "fingerprint": state.fingerprint,
-                "version": __version__,
-            }
-            _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1))
-            if final.exists():  # an older save of the same step, superseded
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            _fsync_dir(self.root)
-            _atomic_write(self.root / "latest", tag)
-            self._retain()
-            size = sum(f["size"] for f in files.values())
+            t_commit = time.perf_counter()
+            self._commit(staging, state.step, state.fingerprint, hashes)
             now = time.perf_counter()
-            self.dist.log(
-                f"checkpoint {tag} committed: {size / 1e6:.1f} MB in {now - t0:.2f}s (write "
-                f"{t_hash - t_write:.2f}s, hash+fsync {t_commit - t_hash:.2f}s, commit "
-                f"{now - t_commit:.2f}s)"
-            )
+            how = f"write {t_hash - t0:.2f}s, hash+fsync {t_commit - t_hash:.2f}s, commit "
+            self._log_commit(tag, t0, how + f"{now - t_commit:.2f}s")
         self.dist.barrier()
-        return final
+        return self.root / tag
+
+    def _save_in_background(
+        self, snaps: Any, staging: Path, state: TrainState, rng_file: str, t0: float
+    ) -> Path:
+        own = [str(Path(path).relative_to(staging)) for path, _ in snaps.jobs]
+        own += [rng_file] + ([STATE] if self.dist.is_main else [])
+        step, fp = state.step, dict(state.fingerprint)
+        stall = time.perf_counter() - t0
+
+        def commit(hashes: dict[str, str]) -> None:
+            names = _files(staging)
+            for n in names:  # what DeepSpeed wrote itself, on rank 0 (its recovery script)
+                if n not in hashes:
+                    hashes[n] = hash_file(staging / n, sync=True)
+            self._commit(staging, step, fp, hashes)
+            self._log_commit(staging.name, t0, f"in the background; the loop paused {stall:.2f}s")
+
+        self._pending = background.Pending(
+            staging,
+            self.dist.rank,
+            self.dist.world_size,
+            step,
+            snaps.write_all,
+            lambda: own,
+            commit if self.dist.is_main else None,
+        )
+        return self.root / staging.name
+
+    def _commit(self, staging: Path, step: int, fp: dict[str, str], hashes: dict[str, str]) -> None:
+        """Rank 0: manifest (written last), rename into place, `latest`, retention."""
+        names = _files(staging)
+        files = {n: {"size": (staging / n).stat().st_size, "xxh3_128": hashes[n]} for n in names}
+        manifest = {
+            "step": step,
+            "world_size": self.dist.world_size,
+            "files": files,
+            "fingerprint": fp,
+            "version": __version__,
+        }
+        _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1))
+        final = self.root / staging.name
+        if final.exists():  # an older save of the same step, superseded
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(self.root)
+        _atomic_write(self.root / "latest", staging.name)
+        self._retain()
+
+    def _log_commit(self, tag: str, t0: float, how: str) -> None:
+        manifest = json.loads((self.root / tag / MANIFEST).read_text())
+        size = sum(f["size"] for f in manifest["files"].values())
+        now = time.perf_counter()
+        self.dist.log(f"checkpoint {tag} committed: {size / 1e6:.1f} MB in {now - t0:.2f}s ({how})")
 
     def _retain(self) -> None:
         """Runs only after a commit: the newest `keep_last` (which include the one just
@@ -333,6 +343,16 @@ class CheckpointCoordinator:
         return TrainState.from_json((ckpt / STATE).read_text())
 
 
+def _files(staging: Path) -> list[str]:
+    """The files of a checkpoint being written, relative, sorted (the background save's
+    per-rank reports left out)."""
+    return sorted(
+        str(p.relative_to(staging))
+        for p in staging.rglob("*")
+        if p.is_file() and not p.name.startswith((".written_rank", ".failed_rank"))
+    )
+
+
 def _eval_loss(ckpt: Path) -> float | None:
     """The eval loss of the weights saved in `ckpt`; None if it was measured at another step
     (a checkpoint saved between evals) or not at all."""
@@ -356,38 +376,6 @@ def _changed(ckpt: Path, changed: list[str]) -> CheckpointError:
         "checkpoint.allow_fingerprint_change=true to resume anyway, or use a new "
         "checkpoint.output_dir"
     )
-
-
-def check_before_launch(cfg: Config) -> None:
-    """On the driver, before Ray starts and before anything is written: what the workers
-    would refuse about resuming (`resume: never` over saved checkpoints, a missing resume
-    path, a newest checkpoint saved with another fingerprint). Cheap: a listing and one
-    state file; the workers still verify hashes and decide (a torn newest checkpoint is
-    left to them: they skip it)."""
-    from distft.fingerprint import fingerprint
-
-    coordinator = CheckpointCoordinator(cfg.output_dir / "checkpoints", _DRIVER, 1)
-    committed = coordinator.committed()
-    resume = cfg.checkpoint.resume
-    if resume == "never":
-        if committed:
-            raise _never_but_saved(coordinator.root)
-        return
-    if resume != "auto" and not (Path(resume) / MANIFEST).is_file():
-        raise CheckpointError(f"checkpoint.resume: {resume}: no manifest")
-    ckpt = Path(resume) if resume != "auto" else (committed[-1] if committed else None)
-    if ckpt is None or cfg.checkpoint.allow_fingerprint_change:
-        return
-    try:
-        saved = coordinator.read_state(ckpt).fingerprint
-    except (OSError, ValueError, TypeError):
-        return
-    changed = fingerprint_changes(saved, fingerprint(cfg))
-    if changed:
-        raise _changed(ckpt, changed)
-
-
-_DRIVER = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
