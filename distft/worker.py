@@ -95,6 +95,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         every = cfg.checkpoint.every_n_steps
         if stopped_by or (every and step % every == 0 and step < batches.total_steps):
             with watchdog.phase("save", step):
+                logger.flush()  # metrics.jsonl is never behind a committed checkpoint
                 ckpts.save(engine, state)
         if preempted and drain:  # tells the launcher: a Ray drain, not a signal
             preempt.note_drain(cfg.output_dir, f"{drain[0]}; checkpoint committed at step {step}")
@@ -127,6 +128,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             state.record_eval(next(iter(final_evals.values())))  # best_key's
         state.finished_at_step = state.step  # the schedule is complete: a rerun has nothing to do
         with watchdog.phase("save", state.step):
+            logger.flush()
             ckpts.save(engine, state)
             if cfg.checkpoint.save_final_model:
                 with seqpar.whole_sequences():  # its check runs whole probe sequences
