@@ -5,12 +5,14 @@ the same one-line error, with nothing written after it. The multi-process contra
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from distft import diskspace
-from distft.metrics import BackgroundLogger, JsonlLogger, read_jsonl
+from distft.metrics import BackgroundLogger, FanOut, JsonlLogger, read_jsonl
 from distft.metrics.writer import QUEUE
 
 FULL = Path("/dev/full")  # every write fails with ENOSPC, as on a full disk
@@ -68,3 +70,24 @@ def test_nothing_is_written_after_the_writers_error(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="No space left"):
         logger.flush()
     assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+
+
+def test_jsonl_time_is_when_the_loop_logged_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    released = threading.Event()
+
+    class Held:  # holds the writer until the loop has moved on
+        def log(self, metrics: dict[str, float], step: int) -> None:
+            released.wait(timeout=60)
+
+        def close(self) -> None:
+            pass
+
+    logger = BackgroundLogger(FanOut([Held(), JsonlLogger(path)]))
+    before = time.time()
+    logger.log({"train/loss": 1.0}, 1)
+    after = time.time()
+    released.set()  # only now is the row written
+    logger.close()
+    (row,) = read_jsonl(path)
+    assert before <= row["time"] <= after  # the step's time, not the writer's

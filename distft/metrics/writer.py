@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from distft.metrics import Tracker
 
 QUEUE = 64  # rows in flight at most; a slow tracker then slows the loop rather than memory
+_row = threading.local()  # the writer thread's row: when the loop logged it
+
+
+def logged_at() -> float:
+    """When the loop logged the row being written (`time.time()` then): JSONL's `time` is
+    the step's, not the writer's. Now, for a row written on the caller's thread."""
+    at: float | None = getattr(_row, "at", None)
+    return time.time() if at is None else at
 
 
 class BackgroundLogger:
@@ -27,14 +36,14 @@ class BackgroundLogger:
 
     def __init__(self, inner: Tracker):
         self._inner = inner
-        self._rows: queue.Queue[tuple[dict[str, float], int] | None] = queue.Queue(QUEUE)
+        self._rows: queue.Queue[tuple[dict[str, float], int, float] | None] = queue.Queue(QUEUE)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write, name="distft-metrics", daemon=True)
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._raise_error()
-        self._rows.put((dict(metrics), step))  # a copy: the caller may go on changing its own
+        self._rows.put((dict(metrics), step, time.time()))  # a copy: the caller may change its
 
     def flush(self) -> None:
         """Return once every row logged so far is written (or raise the writer's error)."""
@@ -56,7 +65,8 @@ class BackgroundLogger:
                 if row is None:
                     return
                 if self._error is None:  # after an error nothing more is written
-                    self._inner.log(*row)
+                    metrics, step, _row.at = row
+                    self._inner.log(metrics, step)
             except BaseException as e:  # raised on the loop's thread (`_raise_error`)
                 self._error = e
             finally:
