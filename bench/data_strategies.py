@@ -173,7 +173,7 @@ def main() -> None:
     for name, batches in plans.items():
         useful = sum(b.n_tokens for b in batches)
         cells = sum(b.input_ids.numel() for b in batches)
-        unmasked = sum(b.attention_mask is None for b in batches)
+        unmasked = sum(b.attention_mask is None and b.mask is None for b in batches)
         wall = statistics.median(t for t, _ in times[name])
         cpu = statistics.median(c for _, c in times[name])
         print(

@@ -43,7 +43,11 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _run(
-    cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: int = 1800
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: int = 1800,
+    cwd: Path = REPO,
 ) -> float:
     """Run to completion with output in `log`; the wall time. Raises with the log's tail."""
     t0 = time.time()
@@ -54,7 +58,7 @@ def _run(
     )
     with log.open("w") as f:
         proc = subprocess.run(
-            cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+            cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False,
             env=child_env(env),
         )  # fmt: skip
     if proc.returncode != 0:
@@ -136,14 +140,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_torchrun(module: str, args: list[str], nproc: int, log: Path) -> float:
-    """`python -m torch.distributed.run` of `python -m <module>`, on loopback only."""
+def run_torchrun(
+    module: str, args: list[str], nproc: int, log: Path, checkout: Path = REPO
+) -> float:
+    """`python -m torch.distributed.run` of `python -m <module>`, on loopback only; the
+    module and distft come from `checkout` (this one, or another for an A/B)."""
     cmd = [
         PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, *args,
     ]  # fmt: skip
     # One thread per worker, as Ray gives a worker with cpus_per_worker=1.
-    return _run(cmd, log, env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(checkout)}
+    return _run(cmd, log, env=env, cwd=checkout)
 
 
 # ----------------------------------------------------------------------- measurements

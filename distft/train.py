@@ -16,6 +16,10 @@ Loss normalisation (per optimizer step, over *global* target tokens):
     gradients over all ranks and divides by W, each rank's S_rj covers its slice of the
     sequences, and the slices' sums add up to the whole sequences' (`distft.seqpar`).
 
+The next step's micro-batches are collated in a background thread while a step runs
+(`distft.data.prefetch`: one step ahead) and moved to the device one micro-batch at a
+time; metrics are written by the logger's own thread (`distft.metrics.writer`).
+
 Communication per step beyond DeepSpeed's own: one all-reduce after the optimizer step
 (loss for the metrics, each rank's peak memory, and the vote to stop). Each step and
 in-loop eval is a phase of the hang watchdog (`distft.watchdog`): a clock read, no
@@ -34,6 +38,7 @@ from distft import faults, watchdog
 from distft.config import Config
 from distft.console_lines import progress_line
 from distft.data import Batch, TrainBatches
+from distft.data.prefetch import Prefetcher
 from distft.dist import DistContext
 from distft.flops import Throughput
 from distft.metrics import MetricsLogger
@@ -83,50 +88,52 @@ def train(
     engine.module.train()
     summary: dict[str, float] = {}
     step = start_step
-    while step < data.total_steps:
-        watchdog.begin("step", step + 1)  # ended after the step's all-reduce
-        faults.maybe_hang(step + 1, dist.rank, cfg.output_dir)
-        t0 = time.perf_counter()
-        micro_batches = [b.to(dist.device) for b in data.for_step(step)]
-        totals = data.step_totals(step)  # all ranks' targets: computed, not communicated
-        scale = world / totals.targets
+    with Prefetcher(data, dist.device) as batches:  # the next step's, collated meanwhile
+        while step < data.total_steps:
+            watchdog.begin("step", step + 1)  # ended after the step's all-reduce
+            faults.maybe_hang(step + 1, dist.rank, cfg.output_dir)
+            t0 = time.perf_counter()
+            micro_batches = batches.take(step)  # host (pinned), or in place on CPU
+            totals = data.step_totals(step)  # all ranks' targets: computed, not communicated
+            scale = world / totals.targets
 
-        loss_sum = torch.zeros((), device=dist.device)
-        own_norm = None
-        for b in micro_batches:
-            s = nll_sum(engine, b, cfg.model.loss_chunk_size)
-            engine.backward(s * scale, scale_wrt_gas=False)
-            if engine.is_gradient_accumulation_boundary():
-                own_norm = _norm_deepspeed_does_not_report(engine)
-            engine.step()  # DeepSpeed steps the optimizer and lr at the accumulation boundary
-            loss_sum += s.detach()  # no host sync per micro-batch
-        step += 1
+            loss_sum = torch.zeros((), device=dist.device)
+            own_norm = None
+            for host_batch in micro_batches:  # on the device one at a time
+                b = batches.to_device(host_batch)
+                s = nll_sum(engine, b, cfg.model.loss_chunk_size)
+                engine.backward(s * scale, scale_wrt_gas=False)
+                if engine.is_gradient_accumulation_boundary():
+                    own_norm = _norm_deepspeed_does_not_report(engine)
+                engine.step()  # DeepSpeed steps the optimizer and lr at the accumulation boundary
+                loss_sum += s.detach()  # no host sync per micro-batch
+            step += 1
 
-        local = [loss_sum.item(), float(stop_requested()), *perf.memory_by_rank()]
-        loss_total, stop_votes, *peak_mem = dist.sum(local)
-        dt = time.perf_counter() - t0
-        watchdog.end()
-        grad_norm = _grad_norm(engine, own_norm)
-        metrics = {
-            "train/loss": loss_total / totals.targets,
-            "train/lr": engine.get_lr()[0],
-            **({"train/grad_norm": grad_norm} if grad_norm is not None else {}),
-            "train/step_time_s": dt,
-            "train/target_tokens_per_s": totals.targets / dt,
-            "train/tokens_per_s": totals.tokens / dt,
-            "train/samples_seen": data.samples_seen(step),
-            "train/epoch": step / data.steps_per_epoch,
-            **perf.metrics(dt, totals.tokens, perf.flops(totals), peak_mem),
-        }
-        if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
-            with watchdog.phase("eval", step):
-                metrics.update(evaluate_all(engine, eval_data, dist, cfg.model.loss_chunk_size))
-        if step % cfg.logging.every_n_steps == 0 or step == data.total_steps:
-            logger.log(metrics, step)
-        progress(step, metrics)
-        summary = metrics
-        if on_step_end(step, metrics, stop_votes > 0):
-            break
+            local = [loss_sum.item(), float(stop_requested()), *perf.memory_by_rank()]
+            loss_total, stop_votes, *peak_mem = dist.sum(local)
+            dt = time.perf_counter() - t0
+            watchdog.end()
+            grad_norm = _grad_norm(engine, own_norm)
+            metrics = {
+                "train/loss": loss_total / totals.targets,
+                "train/lr": engine.get_lr()[0],
+                **({"train/grad_norm": grad_norm} if grad_norm is not None else {}),
+                "train/step_time_s": dt,
+                "train/target_tokens_per_s": totals.targets / dt,
+                "train/tokens_per_s": totals.tokens / dt,
+                "train/samples_seen": data.samples_seen(step),
+                "train/epoch": step / data.steps_per_epoch,
+                **perf.metrics(dt, totals.tokens, perf.flops(totals), peak_mem),
+            }
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
+                with watchdog.phase("eval", step):
+                    metrics.update(evaluate_all(engine, eval_data, dist, cfg.model.loss_chunk_size))
+            if step % cfg.logging.every_n_steps == 0 or step == data.total_steps:
+                logger.log(metrics, step)  # written by the logger's thread
+            progress(step, metrics)
+            summary = metrics
+            if on_step_end(step, metrics, stop_votes > 0):
+                break
     return summary
 
 

@@ -95,6 +95,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
         every = cfg.checkpoint.every_n_steps
         if stopped_by or (every and step % every == 0 and step < batches.total_steps):
             with watchdog.phase("save", step):  # a stop's save is written before it stops
+                logger.flush()  # metrics.jsonl is never behind a committed checkpoint
                 ckpts.save(
                     engine, state, in_background=cfg.checkpoint.async_save and not stopped_by
                 )
@@ -129,6 +130,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             state.record_eval(next(iter(final_evals.values())))  # best_key's
         state.finished_at_step = state.step  # the schedule is complete: a rerun has nothing to do
         with watchdog.phase("save", state.step):
+            logger.flush()
             ckpts.save(engine, state)
             if cfg.checkpoint.save_final_model:
                 with seqpar.whole_sequences():  # its check runs whole probe sequences

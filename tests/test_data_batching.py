@@ -24,6 +24,7 @@ from distft.data import (
     step_layout,
 )
 from distft.data.packing import Units, best_fit_decreasing, length_groups
+from distft.data.prefetch import Prefetcher
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 from distft.dist import DistContext
 from distft.objective import nll_sum
@@ -97,13 +98,11 @@ def test_a_step_matches_its_samples_one_by_one(model: Any, split: Split, batchin
         micro_batches += mine
         samples += [int(i) for rows in tb.indices_for_step(1) for row in rows for i in row]
     assert len(samples) == len(set(samples)) > 4
-    if batching == "packed":
-        assert any(
-            b.attention_mask is not None and b.attention_mask.dim() == 4 for b in micro_batches
-        )
-        assert all(
-            b.position_ids is not None for b in micro_batches if b.attention_mask is not None
-        )
+    if batching == "packed":  # masks are built where the batch runs, not by the collator
+        assert all(b.attention_mask is None for b in micro_batches)
+        masked = [b.to(torch.device("cpu")) for b in micro_batches if b.mask is not None]
+        assert masked and all(b.attention_mask.dim() == 4 for b in masked)
+        assert all(b.position_ids is not None for b in masked)
     if batching == "length_grouped":
         assert any(b.input_ids.shape[0] > cfg.batch.micro_batch_size for b in micro_batches)
     if batching != "packed":  # right-padded rows, exact without any attention mask
@@ -160,7 +159,8 @@ def test_a_mask_only_for_packed_rows() -> None:
     packed = collate_rows([[s[0], s[1]], [s[1]]], pad_id=0)
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     assert packed.labels.tolist() == [[IGNORE, 2, 3, IGNORE, 5], [IGNORE, 5] + [IGNORE] * 3]
-    mask = packed.attention_mask
+    assert packed.attention_mask is None and packed.mask == "bool"  # built where it runs
+    mask = packed.to(torch.device("cpu")).attention_mask
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
     assert mask[0, 0].int().tolist() == [
         [1, 0, 0, 0, 0],
@@ -171,12 +171,44 @@ def test_a_mask_only_for_packed_rows() -> None:
     ]
     assert mask[1, 0, 4].int().tolist() == [0, 0, 1, 1, 1]  # padding attends only to itself
     assert packed.n_tokens == 7 and packed.n_targets == 4
-    eager = collate_rows([[s[0], s[1]]], pad_id=0, attn="eager")
+    eager = collate_rows([[s[0], s[1]]], pad_id=0, attn="eager").to(torch.device("cpu"))
     assert eager.attention_mask.dtype == torch.float32
     assert torch.equal(eager.attention_mask == 0, mask[:1])
     flash = collate_rows([[s[0], s[1]], [s[1]]], pad_id=0, attn="flash_attention_2")
     assert flash.attention_mask is None and flash.input_ids.shape == (1, 7)
     assert flash.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+
+
+def numpy_block_mask(rows: list[list[int]], width: int) -> np.ndarray:
+    """The mask the collator used to build on the host: sample k of a row is block k, the
+    row's padding one more block; causal inside each block."""
+    seg = np.zeros((len(rows), width), dtype=np.int64)
+    for i, lengths in enumerate(rows):
+        seg[i] = np.repeat(np.arange(len(lengths) + 1), [*lengths, width - sum(lengths)])
+    causal = np.tril(np.ones((width, width), dtype=bool))
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def test_packed_rows_carry_no_host_mask_and_build_the_same_one_where_they_run() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        rows = [list(rng.integers(1, 9, size=rng.integers(1, 5))) for _ in range(3)]
+        rows[0] = rows[0] + [1, 2]  # at least one packed row (several samples)
+        samples = [[(np.arange(m) + 1, np.arange(m) + 1) for m in r] for r in rows]
+        width = max(sum(r) for r in rows)
+        want = torch.from_numpy(numpy_block_mask(rows, width))
+        for attn, kind in [("sdpa", "bool"), ("eager", "additive")]:
+            batch = collate_rows(samples, pad_id=0, attn=attn)
+            assert batch.attention_mask is None and batch.mask == kind  # nothing n x w x w
+            built = batch.to(torch.device("cpu")).attention_mask
+            got = built if kind == "bool" else built == 0
+            assert torch.equal(got, want), (trial, attn)  # booleans: exact
+            assert torch.equal(batch.model_inputs()["attention_mask"], built)
+            if kind == "additive":  # 0 where attended, float32's minimum elsewhere
+                assert built.dtype == torch.float32
+                assert set(built.unique().tolist()) <= {0.0, torch.finfo(torch.float32).min}
+    windowed = collate_rows(samples, pad_id=0, windowed=True)  # transformers builds it
+    assert windowed.mask is None and windowed.to(torch.device("cpu")).attention_mask is None
 
 
 def test_best_fit_decreasing_packs_tightly_and_deterministically() -> None:
@@ -277,3 +309,23 @@ def test_too_few_units_for_one_step(split: Split) -> None:
         "3 training samples (1 packs) are fewer than one global batch "
         "(2 micro x 2 accum x 2 workers)"
     )
+
+
+@pytest.mark.parametrize("batching", STRATEGIES)
+def test_prefetched_steps_are_the_steps(split: Split, batching: str) -> None:
+    cfg = make_cfg(batching, micro=2, accum=2, attn="sdpa")
+    tb = TrainBatches(split, cfg, ctx(0, 2), pad_id=0, windowed=False)
+    cpu = torch.device("cpu")
+    order = [0, 1, 2, 4, 5, 1]  # in order, then a skip and a step back: both still exact
+    with Prefetcher(tb, cpu) as ahead:
+        for step in order:
+            got = [ahead.to_device(b) for b in ahead.take(step)]
+            want = [b.to(cpu) for b in tb.for_step(step)]
+            assert len(got) == len(want) == cfg.batch.grad_accum
+            for g, w in zip(got, want, strict=True):
+                for name in ("input_ids", "labels", "attention_mask", "position_ids"):
+                    a, b = getattr(g, name), getattr(w, name)
+                    assert (a is None and b is None) or torch.equal(a, b), (step, name)
+                assert g.n_tokens == w.n_tokens and g.mask == w.mask
+            if batching == "packed":  # the mask was built in the background, on the device
+                assert all(g.attention_mask is not None for g in got if g.mask)

@@ -119,7 +119,8 @@ def test_packed_step_equals_its_samples_one_at_a_time(
     assert (split.lengths[samples] > WINDOW).sum() >= 3  # longer than the window
     for b in micro:
         assert b.position_ids is not None
-        assert (b.attention_mask is None) is windowed  # no 4-D mask: transformers builds it
+        assert b.attention_mask is None  # a 4-D mask is built where the batch runs, if any
+        assert (b.mask is None) is windowed  # none: transformers builds each layer's
         assert b.model_inputs()["use_cache"] is False
     one_by_one = [collate_rows([[split.sample(i)]], 0, attn) for i in samples]
     assert sum(b.n_targets for b in micro) == sum(b.n_targets for b in one_by_one)
@@ -139,7 +140,7 @@ def test_packed_step_equals_its_samples_one_at_a_time(
             collate_rows([[split.sample(int(i)) for i in row] for row in rows_], 0, attn)
             for rows_ in batches.indices_for_step(0)
         ]
-        assert all(b.attention_mask is not None for b in masked)
+        assert all(b.mask is not None for b in masked)
         wrong, wrong_grads = step(model, masked)
         assert not within(wrong_grads, ref_grads, torch.float32, Kind.REASSOCIATED)[0]
         assert abs(wrong - ref_loss) > 100 * abs(loss - ref_loss)  # measured: 1000x or more

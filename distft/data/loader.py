@@ -9,14 +9,16 @@ not depend on what it is batched with):
 - `packed`: a unit is a pack of samples (best-fit decreasing up to `max_seq_len` tokens);
   a micro-batch is `micro_batch_size` packs. Positions restart at 0 for every sample and a
   block-diagonal causal 4-D mask keeps samples from attending to each other (bool for
-  SDPA, additive float for eager). With `flash_attention_2` the packs of a micro-batch are
+  SDPA, additive float for eager), built in torch from the position ids where the batch
+  runs (`Batch.to`, on the device): the host never holds an n x w x w mask, nor copies
+  one to the GPU. With `flash_attention_2` the packs of a micro-batch are
   one row and the position ids alone select the varlen kernel (with the layer's window).
   A model with sliding-window layers shorter than `max_seq_len` (Mistral-v0.1, Phi-3,
   Gemma-2/3, whose layers alternate) gets no mask: transformers sees the packed position
   ids with no mask and builds, for each layer type, the block-diagonal causal mask with
   that layer's window band. One 4-D mask cannot serve both layer types, and a 4-D mask
   passed in is used as is, without the window. (Measured on CPU, the library's mask costs
-  about twice the numpy one, so models without a window keep theirs.)
+  about twice distft's, so models without a window keep theirs.)
 - `length_grouped`: a unit is a whole micro-batch of similar-length samples whose padded
   size (rows x longest) is at most `micro_batch_size x max_seq_len` tokens.
 
@@ -32,7 +34,8 @@ batches of different sizes weigh exactly their target tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -60,12 +63,16 @@ class StepTotals:
     lengths: tuple[int, ...] | None = None
 
 
+MASKS = {"sdpa": "bool", "eager": "additive"}  # the 4-D mask each attention takes
+
+
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
-    # None: one sample per row, right-padded (SDPA's fast causal path); 4-D: the
-    # block-diagonal causal mask of packed rows.
+    # None: one sample per row, right-padded (SDPA's fast causal path), or packed rows
+    # whose mask is not built yet (`mask`); 4-D: the block-diagonal causal mask of packed
+    # rows.
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None = None  # packed rows: restart at 0 per sample
     n_tokens: int = 0  # real (non-pad) tokens
@@ -73,6 +80,9 @@ class Batch:
     # from the whole sequence before it was split (a slice's last position predicts the
     # next slice's first token). None: the labels moved one left.
     shift_labels: torch.Tensor | None = None
+    # Packed rows that need a 4-D mask ("bool" for SDPA, "additive" for eager): built from
+    # the position ids where the batch runs (`to`, `model_inputs`), never on the host first.
+    mask: str | None = None
 
     @property
     def n_targets(self) -> int:
@@ -83,8 +93,9 @@ class Batch:
 
     def model_inputs(self) -> dict[str, torch.Tensor | bool]:
         out: dict[str, torch.Tensor | bool] = {"input_ids": self.input_ids}
-        if self.attention_mask is not None:
-            out["attention_mask"] = self.attention_mask
+        attention_mask = self._built_mask()
+        if attention_mask is not None:
+            out["attention_mask"] = attention_mask
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids
             # No cache: transformers finds packed samples in the position ids only without
@@ -92,18 +103,49 @@ class Batch:
             out["use_cache"] = False
         return out
 
-    def to(self, device: torch.device) -> Batch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+    def _built_mask(self) -> torch.Tensor | None:
+        if self.attention_mask is not None or self.mask is None or self.position_ids is None:
+            return self.attention_mask
+        return block_causal_mask(self.position_ids, additive=self.mask == "additive")
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        """On `device`, with a packed batch's mask built there. `non_blocking` from pinned
+        memory (`pin_memory`) lets the copy overlap the GPU's work."""
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        return replace(moved, attention_mask=moved._built_mask())
+
+    def pin_memory(self) -> Batch:
+        """In page-locked host memory, for a non-blocking copy to the GPU."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        def each(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
 
         return Batch(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            move(self.attention_mask),
-            move(self.position_ids),
+            fn(self.input_ids),
+            fn(self.labels),
+            each(self.attention_mask),
+            each(self.position_ids),
             self.n_tokens,
-            move(self.shift_labels),
+            each(self.shift_labels),
+            self.mask,
         )
+
+
+def block_causal_mask(position_ids: torch.Tensor, additive: bool = False) -> torch.Tensor:
+    """The 4-D (rows, 1, w, w) mask of packed rows, on `position_ids`' device: a token sees
+    the tokens of its own sample up to itself. Samples (and a row's padding) start where
+    the positions restart at 0. Bool for SDPA (True: attend); `additive` for eager: 0 where
+    attended, float32's minimum elsewhere (added to the scores)."""
+    segment = torch.cumsum(position_ids == 0, dim=1)
+    width = position_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril_()
+    block = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+    if not additive:
+        return block
+    scores = torch.zeros(block.shape, dtype=torch.float32, device=block.device)
+    return scores.masked_fill_(~block, torch.finfo(torch.float32).min)
 
 
 def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa", windowed: bool = False) -> Batch:
@@ -118,16 +160,15 @@ def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa", windowed: boo
     ids = np.full((n, width), pad_id, dtype=np.int64)
     labels = np.full((n, width), IGNORE, dtype=np.int64)
     pos = np.zeros((n, width), dtype=np.int64)
-    seg = np.zeros((n, width), dtype=np.int64)
     for i, row in enumerate(rows):
         at = 0
-        for k, (s_ids, s_labels) in enumerate(row):
+        for s_ids, s_labels in row:
             m = len(s_ids)
             ids[i, at : at + m], labels[i, at : at + m] = s_ids, s_labels
             labels[i, at] = IGNORE  # never predicted from the previous sample's last token
-            pos[i, at : at + m], seg[i, at : at + m] = np.arange(m), k
+            pos[i, at : at + m] = np.arange(m)
             at += m
-        pos[i, at:], seg[i, at:] = np.arange(width - at), len(row)  # padding: its own block
+        pos[i, at:] = np.arange(width - at)  # padding: its own block (positions restart)
     real = sum(lengths)
     out_ids, out_labels = torch.from_numpy(ids), torch.from_numpy(labels)
     if not packed:
@@ -138,12 +179,8 @@ def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa", windowed: boo
     position_ids = torch.from_numpy(pos)
     if attn == "flash_attention_2" or windowed:
         return Batch(out_ids, out_labels, None, position_ids, real)
-    causal = np.tril(np.ones((width, width), dtype=bool))
-    block = (seg[:, :, None] == seg[:, None, :]) & causal
-    mask4 = torch.from_numpy(block[:, None])
-    if attn == "eager":  # eager attention adds the mask to the scores
-        mask4 = torch.zeros(mask4.shape).masked_fill_(~mask4, torch.finfo(torch.float32).min)
-    return Batch(out_ids, out_labels, mask4, position_ids, real)
+    # eager attention adds the mask to the scores; SDPA takes booleans
+    return Batch(out_ids, out_labels, None, position_ids, real, mask=MASKS.get(attn, "bool"))
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> Batch:

@@ -1,6 +1,7 @@
 """Metrics: one logger interface. Rank 0 writes JSONL (always) and, each when enabled,
-W&B, MLflow and TensorBoard; every other rank gets a no-op. A resume continues each
-tracker's history without logging a step twice. Secrets (the W&B key, MLflow's token and
+W&B, MLflow and TensorBoard, from a writer thread off the training loop's (`writer`);
+every other rank gets a no-op. A resume continues each tracker's history without logging
+a step twice. Secrets (the W&B key, MLflow's token and
 the credentials in its URI) are never printed or written to disk."""
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from distft.dist import DistContext
 from distft.metrics import mlflow, tensorboard, wandb
 from distft.metrics.jsonl import JsonlLogger, read_jsonl
 from distft.metrics.wandb import WandbLogger, wandb_mode, wandb_run_id
+from distft.metrics.writer import BackgroundLogger
 
 __all__ = [
+    "BackgroundLogger",
     "FanOut",
     "JsonlLogger",
     "MetricsLogger",
     "NullLogger",
     "SkipLogged",
+    "Tracker",
     "WandbLogger",
     "make_logger",
     "read_jsonl",
@@ -27,14 +31,26 @@ __all__ = [
 ]
 
 
-class MetricsLogger(Protocol):
+class Tracker(Protocol):
+    """One destination of the metrics rows (JSONL, W&B, MLflow, TensorBoard)."""
+
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
     def close(self) -> None: ...
 
 
+class MetricsLogger(Tracker, Protocol):
+    """What the loop and the worker log through; `flush` returns once every row logged
+    so far is written (before a checkpoint commits)."""
+
+    def flush(self) -> None: ...
+
+
 class NullLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self) -> None:
@@ -44,7 +60,7 @@ class NullLogger:
 class FanOut:
     """Each logger in order; JSONL first, so no tracker ever holds a step it lacks."""
 
-    def __init__(self, loggers: list[MetricsLogger]):
+    def __init__(self, loggers: list[Tracker]):
         self._loggers = loggers
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -62,7 +78,7 @@ class SkipLogged:
     not logged twice, so no history (JSONL, W&B, MLflow, TensorBoard) repeats or rewinds
     a step."""
 
-    def __init__(self, inner: MetricsLogger, last_logged: int):
+    def __init__(self, inner: Tracker, last_logged: int):
         self._inner, self._last = inner, last_logged
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -86,11 +102,11 @@ def make_logger(cfg: Config, dist: DistContext, resumed_at: int = 0) -> MetricsL
             (cfg.output_dir / run_id).unlink(missing_ok=True)
         if cfg.logging.tensorboard.enabled:
             tensorboard.set_aside(tb_dir)
-    loggers: list[MetricsLogger] = [JsonlLogger(jsonl)]
+    loggers: list[Tracker] = [JsonlLogger(jsonl)]
     if (wandb_logger := wandb.make_wandb_logger(cfg)) is not None:
         loggers.append(wandb_logger)
     if cfg.logging.mlflow.enabled:
         loggers.append(mlflow.MlflowLogger(cfg))
     if cfg.logging.tensorboard.enabled:
         loggers.append(tensorboard.TensorboardLogger(tb_dir))
-    return SkipLogged(FanOut(loggers), last_logged)
+    return BackgroundLogger(SkipLogged(FanOut(loggers), last_logged))

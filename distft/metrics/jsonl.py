@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from distft import diskspace
+from distft.metrics.writer import logged_at
 
 
 class JsonlLogger:
-    """Appends `{"step": ..., "time": ..., **metrics}` lines; flushed on every write."""
+    """Appends `{"step": ..., "time": ..., **metrics}` lines (`time`: when the loop logged
+    the row); flushed on every write."""
 
     def __init__(self, path: Path):
         self._path = path
@@ -24,7 +25,7 @@ class JsonlLogger:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         with self._refused():
-            self._f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self._f.write(json.dumps({"step": step, "time": logged_at(), **metrics}) + "\n")
             self._f.flush()
 
     @contextlib.contextmanager
