@@ -32,7 +32,7 @@ import yaml
 from bench.harness import DISTFT, REPO, child_env, run_distft
 from distft.assets import build_tiny_assets
 
-WORDS = "the of and to in is was for on that with as by at from data model token".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "data"]
 
 
 def write_dataset(path: Path, size_mb: float, doc_kb: int = 80) -> int:
