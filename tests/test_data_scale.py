@@ -202,3 +202,24 @@ def test_preprocess_of_one_50mb_line_stays_within_a_bound(
     (entry,) = [p for p in (tmp_path / "cache").iterdir() if (p / "meta.json").is_file()]
     meta = yaml.safe_load((entry / "meta.json").read_text())
     assert (meta["samples"], meta["truncated"]) == (11, 1)
+
+
+def test_building_shows_progress_in_the_console_form(
+    assets: TinyAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+
+    from distft.data import cache
+    from distft.data.pipeline import build
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(_records(20_000))
+    cfg = resolve_paths(load(_run_config(assets, tmp_path, data)))
+    monkeypatch.setattr(cache, "PROGRESS_SECONDS", 0.0)  # a line per sample
+    lines: list[str] = []
+    build(cfg, AutoTokenizer.from_pretrained(assets.model_dir), lines.append)
+    progress = [ln for ln in lines if "so far" in ln]
+    assert len(progress) > 10 and "preprocessed" in lines[-1] and "so far" not in lines[-1]
+    # the console's pattern for these lines (tests/test_console.py)
+    pattern = re.compile(r"(preprocessed|cached) \S+: [\d,]+ samples, [\d,]+ tokens.*")
+    assert all(pattern.fullmatch(ln) for ln in progress), progress[:2]

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from distft.data.store import TokenArrays, TokenWriter
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 
 CACHE_VERSION = 2  # 2: sentinel-located assistant turns (data/templates.py)
+PROGRESS_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,11 @@ class BuildResult:
     built: bool  # False: reused
 
 
-def build_entry(spec: SourceSpec, ctx: CacheContext) -> BuildResult:
-    """Tokenize `spec` into the cache unless an entry for it exists already."""
+def build_entry(
+    spec: SourceSpec, ctx: CacheContext, log: Callable[[str], None] = lambda _: None
+) -> BuildResult:
+    """Tokenize `spec` into the cache unless an entry for it exists already; a progress
+    line goes to `log` every `PROGRESS_SECONDS` while it runs."""
     root, on_bad, key = ctx.root, ctx.on_bad, ctx.key(spec)
     final = root / key
     with locked(root / f"{key}.lock"):
@@ -185,7 +189,7 @@ def build_entry(spec: SourceSpec, ctx: CacheContext) -> BuildResult:
         tmp = root / f".tmp-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            meta = _write(spec, ctx, tmp)
+            meta = _write(spec, ctx, tmp, log)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -199,9 +203,11 @@ def build_entry(spec: SourceSpec, ctx: CacheContext) -> BuildResult:
         return BuildResult(final, meta, built=True)
 
 
-def _write(spec: SourceSpec, ctx: CacheContext, directory: Path) -> dict[str, Any]:
+def _write(
+    spec: SourceSpec, ctx: CacheContext, directory: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
     """Tokenize `spec` into a new store in `directory`, sample by sample; its meta."""
-    t0 = time.perf_counter()
+    t0 = shown = time.perf_counter()
     read, tok = ReadReport(), TokenizeReport()
     samples = parse(spec.raws(), spec.format, spec.fields, ctx.on_bad, read, spec.max_samples)
     encoder = Encoder(ctx.tokenizer, ctx.settings)
@@ -209,6 +215,10 @@ def _write(spec: SourceSpec, ctx: CacheContext, directory: Path) -> dict[str, An
     try:
         for ids, labels in encoder.encode_many(samples, ctx.on_bad, tok):
             writer.add(ids, labels)
+            if time.perf_counter() - shown > PROGRESS_SECONDS:
+                shown = time.perf_counter()
+                log(f"preprocessed {spec.label}: {len(writer):,} samples, {writer.tokens:,} "
+                    f"tokens so far ({read.records:,} records, {shown - t0:.0f}s)")  # fmt: skip
     finally:
         writer.close()
     if len(writer) == 0:
