@@ -91,25 +91,23 @@ def preprocess_peak(cfg: dict[str, Any], work: Path, pythonpath: str) -> tuple[f
 
 
 def rss(args: argparse.Namespace, work: Path, assets: Any) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, cfg: dict[str, Any]) -> None:
+        peak, wall = preprocess_peak(cfg, work, args.pythonpath)
+        ratio = peak / (rows[0]["peak_mib"] if rows else peak)
+        rows.append({"file": name, "peak_mib": peak, "ratio": ratio, "wall_s": wall})
+        print(f"{name:>18} {peak:>13,.0f} {ratio:>11.2f} {wall:>8.1f}", flush=True)
+
+    print(f"{'dataset':>18} {'peak RSS MiB':>13} {'x smallest':>11} {'wall s':>8}", flush=True)
     for mb in args.sizes_mb:
         f = work / f"data-{mb}mb.jsonl"
         n = write_dataset(f, mb)
-        peak, wall = preprocess_peak(config(assets, [f], work / f"c{mb}", work / "o"), work,
-                                     args.pythonpath)  # fmt: skip
-        rows.append({"file": f"{n / 1e6:,.0f} MB", "peak_mib": peak, "wall_s": wall})
+        row(f"{n / 1e6:,.0f} MB", config(assets, [f], work / f"c{mb}", work / "o"))
         f.unlink()
     f = work / "huge-line.jsonl"
     write_huge_line(f, args.line_mb)
-    peak, wall = preprocess_peak(
-        config(assets, [f], work / "ch", work / "o"), work, args.pythonpath
-    )
-    rows.append({"file": f"one {args.line_mb:g} MB line", "peak_mib": peak, "wall_s": wall})
-    base = rows[0]["peak_mib"]
-    print(f"{'dataset':>18} {'peak RSS MiB':>13} {'x smallest':>11} {'wall s':>8}")
-    for r in rows:
-        r["ratio"] = r["peak_mib"] / base
-        print(f"{r['file']:>18} {r['peak_mib']:>13,.0f} {r['ratio']:>11.2f} {r['wall_s']:>8.1f}")
+    row(f"one {args.line_mb:g} MB line", config(assets, [f], work / "ch", work / "o"))
     return {"rss": rows}
 
 
