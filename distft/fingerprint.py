@@ -1,10 +1,23 @@
 """What a checkpoint was trained with, as named hashes (compared on resume), and the file
-hashing that checkpoint manifests use."""
+hashing that checkpoint manifests use.
+
+Data and tokenizer files enter the fingerprint by their contents (xxh3-128), but a start
+does not read them: each file's hash is kept in `<data cache>/hashes/`, keyed by its
+resolved path, size and mtime (the key the preprocessing cache uses), and computed once,
+by one process per node (a file lock; the others wait and read it). A file whose size or
+mtime changed is hashed again: changed contents change the fingerprint (a resume is
+refused as before); the same contents with a new mtime (a copy, a `touch`) hash the same,
+so the resume goes on. A hash is not kept for a file modified in the last
+`RACY_SECONDS` (it could change again within the filesystem's timestamp granularity
+without its mtime moving, as git's "racily clean" entries); such files are read each time.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +26,7 @@ import xxhash
 from distft.config import Config
 
 _CHUNK = 1 << 22
+RACY_SECONDS = 2.0
 
 
 def hash_file(path: Path, sync: bool = False) -> str:
@@ -26,12 +40,38 @@ def hash_file(path: Path, sync: bool = False) -> str:
     return h.hexdigest()
 
 
-def hash_files(paths: list[Path]) -> str:
+def hash_files(paths: list[Path], cache: Path | None = None) -> str:
+    """One hash over the files' names and contents; with `cache`, each file's content hash
+    is looked up there by (path, size, mtime) and computed only when missing."""
     h = xxhash.xxh3_128()
     for p in sorted(paths):
         h.update(str(p.name).encode())
-        h.update(hash_file(p).encode())
+        h.update((hash_file(p) if cache is None else cached_hash(p, cache)).encode())
     return h.hexdigest()
+
+
+def cached_hash(path: Path, cache: Path) -> str:
+    """`hash_file(path)`, read from `cache` when the file's (path, size, mtime) is there."""
+    from distft.data.cache import locked
+
+    st = path.stat()
+    stat_key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    entry = cache / hashlib.sha256(stat_key.encode()).hexdigest()[:32]
+    if entry.is_file():
+        return entry.read_text()
+    if time.time_ns() - st.st_mtime_ns < RACY_SECONDS * 1e9:
+        return hash_file(path)  # too fresh to trust its mtime: read it, keep nothing
+    try:
+        with locked(cache / f"{entry.name}.lock"):
+            if entry.is_file():  # another process of this node hashed it meanwhile
+                return entry.read_text()
+            digest = hash_file(path)
+            tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
+            tmp.write_text(digest)
+            os.replace(tmp, entry)
+            return digest
+    except OSError:  # a read-only cache: hash without keeping it
+        return hash_file(path)
 
 
 def fingerprint(cfg: Config) -> dict[str, str]:
@@ -39,7 +79,7 @@ def fingerprint(cfg: Config) -> dict[str, str]:
     checkpoint cadence, the cache location and `batch.stop_after_steps` are left out on
     purpose: the batch enters as the data layer's step layout, which is equal for every
     split of the same global step into micro-batches x accumulation x workers."""
-    from distft.data.cache import all_specs
+    from distft.data.cache import all_specs, cache_root
     from distft.data.loader import step_layout
     from distft.data.records import data_files
 
@@ -66,12 +106,14 @@ def fingerprint(cfg: Config) -> dict[str, str]:
     local = [
         Path(s.path) for s in all_specs(cfg.data) if s.path is not None and Path(s.path).exists()
     ]
-    out["data_files"] = hash_files([f for p in local for f in data_files(p)])
+    hashes = cache_root(cfg.data) / "hashes"
+    out["data_files"] = hash_files([f for p in local for f in data_files(p)], hashes)
     if cfg.lora.enabled and (base := Path(cfg.model.name_or_path)).is_dir():
         out["base_weights"] = base_weights_key(base)
     tok_dir = Path(cfg.model.tokenizer or cfg.model.name_or_path)
     if tok_dir.is_dir():
-        out["tokenizer"] = hash_files([p for p in tok_dir.glob("*token*") if p.is_file()])
+        tok_files = [p for p in tok_dir.glob("*token*") if p.is_file()]
+        out["tokenizer"] = hash_files(tok_files, hashes)
     return out
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +29,11 @@ from typing import Any
 from distft.config import DataConfig, SourceConfig
 from distft.data.formats import ReadReport, parse
 from distft.data.records import DataError, Raw, data_files, file_records, hub_records
-from distft.data.store import TokenArrays
+from distft.data.store import TokenArrays, TokenWriter
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 
 CACHE_VERSION = 2  # 2: sentinel-located assistant turns (data/templates.py)
+PROGRESS_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class CacheContext:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -175,38 +176,23 @@ class BuildResult:
     built: bool  # False: reused
 
 
-def build_entry(spec: SourceSpec, ctx: CacheContext) -> BuildResult:
-    """Tokenize `spec` into the cache unless an entry for it exists already."""
+def build_entry(
+    spec: SourceSpec, ctx: CacheContext, log: Callable[[str], None] = lambda _: None
+) -> BuildResult:
+    """Tokenize `spec` into the cache unless an entry for it exists already; a progress
+    line goes to `log` every `PROGRESS_SECONDS` while it runs."""
     root, on_bad, key = ctx.root, ctx.on_bad, ctx.key(spec)
     final = root / key
-    with _locked(root / f"{key}.lock"):
+    with locked(root / f"{key}.lock"):
         if final.is_dir():
             return BuildResult(final, _meta(final), built=False)
-        t0 = time.perf_counter()
-        read, tok = ReadReport(), TokenizeReport()
-        samples = parse(spec.raws(), spec.format, spec.fields, on_bad, read, spec.max_samples)
-        encoder = Encoder(ctx.tokenizer, ctx.settings)
-        arrays = TokenArrays.from_rows(encoder.encode_many(samples, on_bad, tok))
-        if len(arrays) == 0:
-            raise DataError(
-                f"{spec.label}: no usable samples ({read.records} records read, "
-                f"{read.skipped + tok.skipped} skipped, {tok.dropped} over max_seq_len dropped)"
-            )
-        meta = {
-            "source": spec.label,
-            "records": read.records + read.skipped,
-            "samples": len(arrays),
-            "tokens": int(arrays.offsets[-1]),
-            "targets": int(arrays.targets.sum()),
-            "skipped": read.skipped + tok.skipped,
-            "truncated": tok.truncated,
-            "dropped": tok.dropped,
-            "first_skipped": (read.first_skipped + tok.first_skipped)[:3],
-            "build_seconds": round(time.perf_counter() - t0, 3),
-        }
         tmp = root / f".tmp-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        arrays.save(tmp, meta)
+        try:
+            meta = _write(spec, ctx, tmp, log)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.rename(tmp, final)
         except OSError:  # another node on shared storage won (no working flock there)
@@ -215,6 +201,45 @@ def build_entry(spec: SourceSpec, ctx: CacheContext) -> BuildResult:
                 raise
         mark_checked(root, spec, on_bad)
         return BuildResult(final, meta, built=True)
+
+
+def _write(
+    spec: SourceSpec, ctx: CacheContext, directory: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Tokenize `spec` into a new store in `directory`, sample by sample; its meta."""
+    t0 = shown = time.perf_counter()
+    read, tok = ReadReport(), TokenizeReport()
+    samples = parse(spec.raws(), spec.format, spec.fields, ctx.on_bad, read, spec.max_samples)
+    encoder = Encoder(ctx.tokenizer, ctx.settings)
+    writer = TokenWriter(directory)
+    try:
+        for ids, labels in encoder.encode_many(samples, ctx.on_bad, tok):
+            writer.add(ids, labels)
+            if time.perf_counter() - shown > PROGRESS_SECONDS:
+                shown = time.perf_counter()
+                log(f"preprocessed {spec.label}: {len(writer):,} samples, {writer.tokens:,} "
+                    f"tokens so far ({read.records:,} records, {shown - t0:.0f}s)")  # fmt: skip
+    finally:
+        writer.close()
+    if len(writer) == 0:
+        raise DataError(
+            f"{spec.label}: no usable samples ({read.records} records read, "
+            f"{read.skipped + tok.skipped} skipped, {tok.dropped} over max_seq_len dropped)"
+        )
+    meta = {
+        "source": spec.label,
+        "records": read.records + read.skipped,
+        "samples": len(writer),
+        "tokens": writer.tokens,
+        "targets": sum(writer.targets),
+        "skipped": read.skipped + tok.skipped,
+        "truncated": tok.truncated,
+        "dropped": tok.dropped,
+        "first_skipped": (read.first_skipped + tok.first_skipped)[:3],
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    writer.finish(meta)
+    return meta
 
 
 def load_entry(spec: SourceSpec, ctx: CacheContext) -> tuple[TokenArrays, dict[str, Any]]:

@@ -70,7 +70,7 @@ def build(
     ctx = cache_context(cfg, tokenizer)
     results = []
     for spec in all_specs(cfg.data):
-        result = build_entry(spec, ctx)
+        result = build_entry(spec, ctx, log)
         m = result.meta
         if result.built:
             rate = m["tokens"] / max(m["build_seconds"], 1e-9)

@@ -46,13 +46,28 @@ def data_files(path: Path) -> list[Path]:
 
 
 def _text(path: Path) -> str:
-    """The file's UTF-8 text, without a byte order mark (spreadsheet exports write one)."""
+    """The file's UTF-8 text, without a byte order mark (spreadsheet exports write one).
+    Only a `.json` array is read whole (a JSON value is parsed at once)."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, ending with its "\n" (the last may have none),
+    read one line at a time: memory follows the longest line, not the file. Only "\n"
+    ends a line; the first loses a byte order mark. Each line is decoded with its "\n",
+    so a bad byte is reported as decoding the whole file would."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
+            yield lineno, text.removeprefix("\ufeff") if lineno == 1 else text
 
 
 def _json(text: str) -> Any:
@@ -70,10 +85,9 @@ def _json_problem(e: ValueError) -> str:
 
 def _json_records(path: Path) -> Iterator[Raw]:
     """JSONL, or a JSON array in a `.json` file (items named by their 1-based position)."""
-    text = _text(path)
-    if path.suffix == ".json" and text.lstrip().startswith("{"):
-        _refuse_json_object(path, text)
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    first = _first_char(path) if path.suffix == ".json" else ""
+    if first == "[":
+        text = _text(path)
         try:
             items = _json(text)
         except ValueError as e:
@@ -82,22 +96,36 @@ def _json_records(path: Path) -> Iterator[Raw]:
         for i, item in enumerate(items):
             yield f"{path}:{i + 1}", item
         return
-    # Only "\n" ends a line: str.splitlines() would also split on characters that are
-    # legal inside JSON strings (U+2028, U+2029, U+0085, ...) and shift the line numbers.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
+    checked = first != "{"  # a .json file opening with "{": one object over many lines?
+    for lineno, line in _lines(path):
+        # Only "\n" ends a line: str.splitlines() would also split on characters that are
+        # legal inside JSON strings (U+2028, U+2029, U+0085, ...) and shift the line numbers.
+        line = line.removesuffix("\n").removesuffix("\r")
         if not line.strip():
             continue
         try:
             record = _json(line)
         except ValueError as e:
+            if not checked:
+                _refuse_json_object(path, _text(path))
             record = DataError(f"{path}:{lineno}: invalid JSON ({_json_problem(e)})")
+        checked = True
         yield f"{path}:{lineno}", record
+
+
+def _first_char(path: Path) -> str:
+    """The first character that is not white space ("" for none), reading no further."""
+    for _, line in _lines(path):
+        if stripped := line.lstrip():
+            return stripped[0]
+    return ""
 
 
 def _refuse_json_object(path: Path, text: str) -> None:
     """A `.json` file that is one JSON object over several lines (`{"data": [...]}`, or a
-    pretty-printed record) holds no records in either form we read: say so at line 1."""
+    pretty-printed record) holds no records in either form we read: say so at line 1.
+    (Only asked when its first line is not a JSON value alone: then the whole text can
+    be one object, and the file is read whole.)"""
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if len(lines) < 2:
         return  # one line: a JSON Lines file of one record
@@ -113,9 +141,16 @@ def _refuse_json_object(path: Path, text: str) -> None:
         )
 
 
+def _csv_lines(path: Path) -> Iterator[str]:
+    """The file's lines as a text file with `newline=""` splits them ("\r", "\n", "\r\n"
+    end a line, kept), read one "\n"-ended line at a time."""
+    for _, line in _lines(path):
+        yield from io.StringIO(line, newline="")
+
+
 def _csv_records(path: Path) -> Iterator[Raw]:
     csv.field_size_limit(2**31 - 1)  # long texts: the default (128 KiB a cell) is too small
-    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    reader = csv.DictReader(_csv_lines(path))
     rows = iter(reader)
     while True:
         try:

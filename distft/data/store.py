@@ -4,15 +4,21 @@
 offsets, saved as `.npy` files and memory-mapped when loaded, so every rank of a node
 shares one copy in the page cache and a row is a zero-copy slice. A `Split` is an
 ordered selection of rows (repeats allowed, for mixing weights) over several sources.
+
+`TokenWriter` builds the files as samples arrive: ids and labels go straight to their
+`.npy` files (the header, a fixed 128 bytes for any length, is written again with the
+final shape), so the tokens are never held in memory; only 16 bytes a sample are (the
+offsets and target counts). The files are the bytes `np.save` writes.
 """
 
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -60,6 +66,57 @@ class TokenArrays:
     def load(cls, directory: Path) -> tuple[TokenArrays, dict]:
         arrays = {n: np.load(directory / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
         return cls(**arrays), json.loads((directory / "meta.json").read_text())
+
+
+class TokenWriter:
+    """Appends samples to `directory`'s ids/labels files; `finish` completes the store."""
+
+    _HEADER = 128  # np.save's header for a 1-D int32 array of any length we can write
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.files: dict[str, IO[bytes]] = {}
+        for name in ("ids", "labels"):
+            f = (directory / f"{name}.npy").open("wb")
+            self.files[name] = f
+            self._header(f, 0)
+        self.offsets = array("q", [0])
+        self.targets = array("q")
+
+    def _header(self, f: IO[bytes], n: int) -> None:
+        f.seek(0)
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (n,)}
+        )
+        assert f.tell() == self._HEADER, f.tell()
+
+    def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        self.files["ids"].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        labels = np.ascontiguousarray(labels, dtype=np.int32)
+        self.files["labels"].write(labels.tobytes())
+        self.offsets.append(self.offsets[-1] + len(ids))
+        self.targets.append(int((labels[1:] != IGNORE).sum()))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def tokens(self) -> int:
+        return self.offsets[-1]
+
+    def finish(self, meta: dict) -> None:
+        """Final headers, offsets, target counts and `meta.json` (after `close`)."""
+        for name in ("ids", "labels"):
+            with (self.dir / f"{name}.npy").open("r+b") as f:
+                self._header(f, self.tokens)
+        for name, values in (("offsets", self.offsets), ("targets", self.targets)):
+            np.save(self.dir / f"{name}.npy", np.frombuffer(values, np.int64), allow_pickle=False)
+        (self.dir / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()  # flushes what was buffered
 
 
 class Split:

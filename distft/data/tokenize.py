@@ -12,6 +12,13 @@ special tokens and its completion apart, as at inference (no token straddles the
 the completion is trained. Both end with EOS, which is trained. Pre-tokenized samples keep
 their labels (default: all tokens). Position 0 never has a label: no token predicts it, and
 in a packed sequence it must not be predicted from the previous sample.
+
+A text far longer than `max_seq_len` tokens can need (`LONG_TEXT_TOKENS` characters a
+token) is not tokenized whole (a 50 MB record would make tens of millions of tokens and
+their offsets, many gigabytes, to keep 128): two prefixes of it are, one twice the other,
+and when their first `max_seq_len + 1` tokens (and offsets) agree, those are its tokens
+(the cut changed nothing before it); otherwise longer prefixes, up to the whole text.
+Truncation and `too_long: drop` then see the same tokens as before.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from distft.data.templates import TemplateError, chat_template
 
 IGNORE = -100
 CHUNK = 256  # samples per tokenizer call (the fast tokenizer batches in Rust)
+LONG_TEXT_TOKENS = 64  # characters a token: a text longer than this x max_seq_len is cut
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,38 @@ class Encoder:
         return ids.astype(np.int32), labels.astype(np.int32)
 
     def _tokenize(self, texts: list[str], special: bool, offsets: bool = False) -> Any:
+        """`input_ids` (and `offset_mapping`) of each text; a very long text's first
+        `max_seq_len + 1` tokens only (see the module's docstring)."""
+        need = self.s.max_seq_len + 1
+        long = {i for i, t in enumerate(texts) if len(t) > max(LONG_TEXT_TOKENS * need, 1 << 16)}
+        if not long:
+            return self._call(texts, special, offsets)
+        keys = ["input_ids", "offset_mapping"] if offsets else ["input_ids"]
+        rest = [t for i, t in enumerate(texts) if i not in long]
+        enc = self._call(rest, special, offsets) if rest else {k: [] for k in keys}
+        short = {k: iter(enc[k]) for k in keys}
+        out: dict[str, list] = {k: [] for k in keys}
+        for i, text in enumerate(texts):
+            head = self._head(text, special, offsets) if i in long else None
+            for k in keys:
+                out[k].append(next(short[k]) if head is None else head[k])
+        return out
+
+    def _head(self, text: str, special: bool, offsets: bool) -> dict[str, list]:
+        """The first `max_seq_len + 1` tokens of a long text, from prefixes of it."""
+        need = self.s.max_seq_len + 1
+        cut = 16 * need
+        while 2 * cut < len(text):
+            a, b = (self._call([text[:n]], special, offsets) for n in (cut, 2 * cut))
+            keys = ["input_ids", "offset_mapping"] if offsets else ["input_ids"]
+            heads = [{k: list(x[k][0][:need]) for k in keys} for x in (a, b)]
+            if len(a["input_ids"][0]) > need + 8 and heads[0] == heads[1]:
+                return heads[0]  # room for a special token the tokenizer appends
+            cut *= 4
+        enc = self._call([text], special, offsets)
+        return {k: enc[k][0] for k in enc if k in ("input_ids", "offset_mapping")}
+
+    def _call(self, texts: list[str], special: bool, offsets: bool) -> Any:
         return self.tok(
             texts,
             add_special_tokens=special,
