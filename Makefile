@@ -38,7 +38,7 @@ demo: venv
 	@echo "LoRA:"; grep "^eval " runs/tiny_demo_lora.txt | sed 's/^/  /'
 
 test: venv cluster-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Real Slurm + munge (tests/test_slurm.py) and iproute2 for the test hosts in network
 # namespaces (tests/netns_fixture.py); Debian/Ubuntu as root, e.g. CI. Elsewhere those

@@ -13,7 +13,8 @@ from filelock import FileLock
 
 from distft.assets import TinyAssets, build_tiny_assets
 
-# `make test` runs the suite in 2 processes (pytest-xdist, --dist loadgroup). The session
+# `make test` runs the suite in 2 processes (pytest-xdist, --dist loadfile: a module's
+# tests, and so its module fixtures, stay in one process). The session
 # fixtures below are built once for all of them, in a directory they share, under a lock:
 # the first process to need one builds it, the others wait for it and read it back.
 
@@ -75,18 +76,10 @@ def _run_record(run: Any) -> dict[str, Any]:
     return dict(cfg=run.cfg, out=str(run.out), args=args, stdout=proc.stdout, stderr=proc.stderr)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests run only where CUDA is; elsewhere they skip and say why. Each test
-    module is one xdist group (its module fixtures are built once), except the
-    architecture matrix: one group per family (its fixture trains per family)."""
+    """`gpu` tests run only where CUDA is; elsewhere they skip and say why."""
     import torch
 
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        family = item.callspec.params.get("family") if hasattr(item, "callspec") else None
-        group = f"{module}[{family}]" if family and "test_arch_matrix" in module else module
-        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: BENCHMARKS.md)")
