@@ -177,14 +177,10 @@ def _print_plan_summary(cfg: config_mod.Config) -> None:
 
 
 def _reshard_before_launch(cfg: config_mod.Config) -> None:
-    """A resume on another number of workers: the universal conversion, here, before Ray."""
-    from distft.reshard import convert_before_launch
+    from distft.reshard import convert_for_resume
 
-    resume = cfg.checkpoint.resume
-    if resume != "never":
-        source = cfg.output_dir if resume == "auto" else Path(resume)
-        if line := convert_before_launch(source, cfg.cluster.num_workers):
-            err.print(line, markup=False)
+    if line := convert_for_resume(cfg):  # before Ray: no collective timeout bounds it
+        err.print(line, markup=False)
 
 
 def _run(cfg: config_mod.Config, con: RunConsole) -> tuple[TrainingFailed | None, bool, float]:
@@ -318,8 +314,7 @@ def reshard(
         line = convert_before_launch(source, None)
     except UserError as e:
         _fail(str(e).splitlines(), EXIT_BAD_INPUT)
-    if line is None or line.startswith("reshard: not converted"):
-        _fail([line or f"{source}: no committed checkpoint"], EXIT_BAD_INPUT)
+    assert line is not None  # strict: a line, or an error
     out.print(line, markup=False)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from distft import safeload
 from distft.dist import DistContext
+from distft.errors import CheckpointError
 from distft.fingerprint import hash_file
 
 MANIFEST = "universal_manifest.json"
@@ -49,28 +50,41 @@ def to_universal(ckpt: Path, dist: DistContext, processes: int = 1) -> Path:
     return target
 
 
-def convert_before_launch(source: Path, num_workers: int | None) -> str | None:
+def convert_for_resume(cfg: Any) -> str | None:
+    """`distft train`: the checkpoint the resume will take, converted here when it was
+    saved by another number of workers (`convert_before_launch`)."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return None
+    source = cfg.output_dir if resume == "auto" else Path(resume)
+    return convert_before_launch(source, cfg.cluster.num_workers, strict=False)
+
+
+def convert_before_launch(source: Path, num_workers: int | None, strict: bool = True) -> str | None:
     """On the driver, before Ray starts: when the checkpoint a resume will take (`source`:
-    a run's output_dir, newest valid checkpoint; or a checkpoint) was saved by another
+    a run's output_dir, its newest checkpoint; or a checkpoint) was saved by another
     number of workers than `num_workers` (None: whatever it was saved by), verify it and
     convert it with one process per core. Outside any process group, so no collective
     timeout bounds it, and the workers find the copy ready. A copy already converted (and
-    intact) is kept. Returns the line to print, or None when there is nothing to do."""
+    intact) is kept. A checkpoint that fails verification raises `CheckpointError` when
+    `strict`, else is left to the workers (they skip or refuse it). Returns the line to
+    print, or None when there is nothing to do."""
     import time
 
-    import torch
-
+    from distft.checkpoint import MANIFEST as CKPT_MANIFEST
     from distft.checkpoint import CheckpointCoordinator
+    from distft.checkpoint.preflight import DRIVER
 
-    driver = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    if (source / "manifest.json").is_file():
+    if (source / CKPT_MANIFEST).is_file():
         ckpt = source
-    else:  # the newest, verified below only if it needs converting (a resume skips it if bad)
-        committed = CheckpointCoordinator(source / "checkpoints", driver, 1).committed()
+    else:  # the newest, verified below only if it needs converting
+        committed = CheckpointCoordinator(source / "checkpoints", DRIVER, 1).committed()
         if not committed:
+            if strict:
+                raise CheckpointError(f"{source}: no committed checkpoint")
             return None
         ckpt = committed[-1]
-    coordinator = CheckpointCoordinator(ckpt.parent, driver, 1)
+    coordinator = CheckpointCoordinator(ckpt.parent, DRIVER, 1)
     saved_by = coordinator.read_state(ckpt).world_size
     if num_workers is not None and saved_by == num_workers:
         return None
@@ -78,9 +92,11 @@ def convert_before_launch(source: Path, num_workers: int | None) -> str | None:
     if target.exists() and check_universal(target, ckpt) is None:
         return f"reshard: {target} is ready (converted before)"
     if problem := coordinator.verify(ckpt):
-        return f"reshard: not converted: {problem}"  # the workers skip it or refuse it
+        if strict:
+            raise CheckpointError(problem)
+        return f"reshard: not converted: {problem}"
     t0, processes = time.perf_counter(), max(1, os.cpu_count() or 1)
-    to_universal(ckpt, driver, processes)
+    to_universal(ckpt, DRIVER, processes)
     return (
         f"reshard: {ckpt.name} (saved by {saved_by} workers) converted to a universal "
         f"checkpoint in {time.perf_counter() - t0:.1f}s with {processes} processes: {target}"

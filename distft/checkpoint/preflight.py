@@ -26,7 +26,7 @@ def check_before_launch(cfg: Config) -> None:
     left to them: they skip it)."""
     from distft.fingerprint import fingerprint
 
-    coordinator = CheckpointCoordinator(cfg.output_dir / "checkpoints", _DRIVER, 1)
+    coordinator = CheckpointCoordinator(cfg.output_dir / "checkpoints", DRIVER, 1)
     committed = coordinator.committed()
     resume = cfg.checkpoint.resume
     if resume == "never":
@@ -47,4 +47,4 @@ def check_before_launch(cfg: Config) -> None:
         raise _changed(ckpt, changed)
 
 
-_DRIVER = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+DRIVER = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
