@@ -38,7 +38,7 @@ def _pending(staging: Path, rank: int, world: int, committed: list, fail: bool =
         committed.append(hashes)
 
     return background.Pending(
-        staging, rank, world, 3, write, lambda: [f"shard{rank}.pt"], commit if rank == 0 else None
+        staging, rank, world, 3, write, [f"shard{rank}.pt"], commit if rank == 0 else None
     )
 
 

@@ -100,7 +100,7 @@ class Pending:
         world_size: int,
         step: int,
         write: Callable[[], None],
-        own_files: Callable[[], list[str]],
+        own_files: list[str],
         commit: Callable[[dict[str, str]], None] | None,
     ):
         self.staging, self.rank, self.world_size, self.step = staging, rank, world_size, step
@@ -113,7 +113,7 @@ class Pending:
         try:
             self._write()
             faults.maybe_crash("save", self.step, self.rank)  # a kill mid-background-save
-            names = self._own_files()
+            names = self._own_files
             hashes = {n: hash_file(self.staging / n, sync=True) for n in names}
             report = self.staging / WRITTEN.format(rank=self.rank)
             tmp = report.with_suffix(".tmp")

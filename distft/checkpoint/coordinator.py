@@ -234,7 +234,7 @@ class CheckpointCoordinator:
             self.dist.world_size,
             step,
             snaps.write_all,
-            lambda: own,
+            own,
             commit if self.dist.is_main else None,
         )
         return self.root / staging.name
