@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,16 @@ import pytest
 from filelock import FileLock
 
 from distft.assets import TinyAssets, build_tiny_assets
+
+# As in an activated venv: this interpreter's bin/ first on PATH, for this process and
+# every one it starts. On CPU, DeepSpeed JIT-builds its shared-memory comm op with the
+# `ninja` on PATH (~40 s of one core); the venv's ninja and the system's write each other's
+# build log in a format the other reads as "command changed", so every switch between
+# them (workers use the venv's: distft.dist; an in-process engine would use the system's)
+# rebuilt the op.
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 # `make test` runs the suite in 2 processes (pytest-xdist, --dist loadfile: a module's
 # tests, and so its module fixtures, stay in one process). The session

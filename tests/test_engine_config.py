@@ -336,7 +336,6 @@ def _run_child(script: str, raw: dict[str, Any]) -> dict[str, Any]:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(_free_port()),
     )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     proc = subprocess.run(
         [sys.executable, "-c", script, json.dumps(raw)],
         cwd=REPO,

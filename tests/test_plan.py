@@ -219,12 +219,13 @@ def test_every_big_example_gets_an_answer(example: str) -> None:
     assert report["activations_calibrated"]  # Llama, Mistral, Qwen2: measured families
 
 
-def test_an_uncalibrated_family_is_said(tmp_path: Path) -> None:
+def test_an_uncalibrated_family_is_said(tiny: TinyAssets, tmp_path: Path) -> None:
     from transformers import GPT2Config
 
     GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=518).save_pretrained(tmp_path)
     result = plan_cli("examples/tiny_demo.yaml", f"model.name_or_path={tmp_path}",
-                      "model.tokenizer=null")  # fmt: skip
+                      "model.tokenizer=null", f"data.train_files=[{tiny.train_file}]",
+                      "data.eval_sets={}")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "activations: gpt2 is counted as a Llama-style decoder, not calibrated" in (
         result.stdout
