@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from distft.archs import FAMILIES
 from distft.assets import TinyAssets
 from distft.cli import app
-from distft.objective import output_head, rows_of
+from distft.objectives import output_head, rows_of
 from distft.plan.activations import activations, materialised_mask
 from distft.plan.shape import dims_of
 
@@ -95,7 +95,7 @@ def test_model_states_equal_what_deepspeed_allocates() -> None:
 
 def saved_bytes(family: str, seq: int, attention: str, checkpointing: bool) -> int:
     """Bytes of the distinct storages autograd saves for backward over one forward and
-    the loss (distft.objective's head-on-target-rows path), parameters excluded: the
+    the loss (distft.objectives.head: the head on target rows), parameters excluded: the
     activations a rank holds when backward starts."""
     config = FAMILIES[family]()
     config.vocab_size = 518
