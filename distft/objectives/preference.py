@@ -35,6 +35,7 @@ METRICS: tuple[str, ...] = (
     "rewards/accuracy",
     "logps/chosen",
     "logps/rejected",
+    "logps/accuracy",
 )
 
 
@@ -112,5 +113,8 @@ class Preference:
             "rewards/accuracy": ((out.chosen_rewards > out.rejected_rewards) & valid).sum(),
             "logps/chosen": (policy.chosen.detach() * v).sum(),
             "logps/rejected": (policy.rejected.detach() * v).sum(),
+            # reference-free: the policy gives the chosen response the higher mean
+            # token log-prob (meaningful before training, where DPO's rewards are all 0)
+            "logps/accuracy": ((policy.mean_chosen > policy.mean_rejected) & valid).sum(),
         }
         return Loss(total, valid.sum(), {k: t.float() for k, t in metric_sums.items()})
