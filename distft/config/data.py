@@ -12,11 +12,13 @@ from pydantic import Field, field_validator, model_validator
 
 from distft.config.base import _Section
 
-DataFormat = Literal["auto", "instruction", "chat", "prompt_completion", "text", "tokenized"]
+DataFormat = Literal[
+    "auto", "instruction", "chat", "prompt_completion", "text", "tokenized", "preference"
+]
 # Record field names a config may remap (`fields: {canonical: name in the records}`).
 DATA_FIELDS = (
     "instruction", "input", "output", "system", "messages", "role", "content",
-    "prompt", "completion", "text", "input_ids", "labels",
+    "prompt", "completion", "text", "input_ids", "labels", "chosen", "rejected",
 )  # fmt: skip
 
 
