@@ -2,7 +2,7 @@
 masking) -> cached arrays -> splits (mixing, val split) -> per-rank batches (padded,
 packed or length-grouped; resumable order) and statistics."""
 
-from distft.data.formats import Completion, Conversation, Sample, Text, Tokens
+from distft.data.formats import Completion, Conversation, Pair, Sample, Text, Tokens
 from distft.data.loader import (
     Batch,
     TrainBatches,
@@ -24,6 +24,7 @@ __all__ = [
     "Conversation",
     "DataError",
     "DataSplits",
+    "Pair",
     "Sample",
     "Split",
     "Text",

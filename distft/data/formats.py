@@ -116,8 +116,7 @@ def _detect(record: dict[str, Any], f: Fields) -> str:
     if f("text") in record:
         return "text"
     raise ValueError(
-        f"cannot tell the format: expected '{f('chosen')}'/'{f('rejected')}', "
-        f"'{f('messages')}', 'conversations', "
+        f"cannot tell the format: expected '{f('messages')}', 'conversations', "
         f"'{f('instruction')}'/'{f('output')}', '{f('prompt')}'/'{f('completion')}', "
         f"'{f('text')}' or '{f('input_ids')}'"
     )
