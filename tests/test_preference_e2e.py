@@ -129,8 +129,9 @@ def test_dpo_stop_and_resume_is_bit_exact_and_reuses_the_reference(
     # exact: same world size, same batches, restored optimizer and RNG, the reference
     # read from the same cache file on both starts (see test_checkpoint_e2e)
     assert losses(out) == losses(ref_out)
-    a, b = load_file(out / "final" / "model.safetensors"), load_file(
-        ref_out / "final" / "model.safetensors"
+    a, b = (
+        load_file(out / "final" / "model.safetensors"),
+        load_file(ref_out / "final" / "model.safetensors"),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

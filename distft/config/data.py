@@ -18,7 +18,7 @@ DataFormat = Literal[
 # Record field names a config may remap (`fields: {canonical: name in the records}`).
 DATA_FIELDS = (
     "instruction", "input", "output", "system", "messages", "role", "content",
-    "prompt", "completion", "text", "input_ids", "labels",
+    "prompt", "completion", "text", "input_ids", "labels", "chosen", "rejected",
 )  # fmt: skip
 
 

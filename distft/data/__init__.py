@@ -3,7 +3,7 @@ masking) -> cached arrays -> splits (mixing, val split) -> per-rank batches (pad
 packed or length-grouped; resumable order) and statistics."""
 
 from distft.data.batch import Batch, collate_rows
-from distft.data.formats import Completion, Conversation, Sample, Text, Tokens
+from distft.data.formats import Completion, Conversation, Pair, Sample, Text, Tokens
 from distft.data.loader import TrainBatches, collate, eval_batches, step_layout
 from distft.data.pairs import PairSplit
 from distft.data.pipeline import DataSplits, check_records, prepare, read_conversations
@@ -19,6 +19,7 @@ __all__ = [
     "Conversation",
     "DataError",
     "DataSplits",
+    "Pair",
     "Sample",
     "PairSplit",
     "Split",

@@ -1,7 +1,10 @@
 """The preprocessing cache: one entry per (source, tokenization settings).
 
 An entry is `<cache_dir>/<key>/` holding the source's tokenized samples (`store.TokenArrays`)
-and `meta.json` (counts of records, skipped, truncated and dropped samples). The key is a
+and `meta.json` (counts of records, skipped, truncated and dropped samples). A source of
+preference pairs stores each pair as two rows, chosen then rejected (rows 2k and 2k+1 are
+pair k); its meta's `pairs` is the number of pairs (`samples`, the rows, is twice that),
+and 0 for any other source. The key is a
 hash of everything that changes the tokens: each data file's path, size and mtime (a hub
 dataset's name, subset, split and revision), the format and field names, `max_samples`,
 the tokenizer (its serialized vocabulary/merges/normalizer, special tokens and chat
@@ -32,7 +35,9 @@ from distft.data.records import DataError, Raw, data_files, file_records, hub_re
 from distft.data.store import TokenArrays, TokenWriter
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 
-CACHE_VERSION = 2  # 2: sentinel-located assistant turns (data/templates.py)
+# 2: sentinel-located assistant turns (data/templates.py); 3: `auto` reads a record with
+# `chosen`/`rejected` as a preference pair (it was another format's record before)
+CACHE_VERSION = 3
 PROGRESS_SECONDS = 10.0
 
 
@@ -230,6 +235,7 @@ def _write(
         "source": spec.label,
         "records": read.records + read.skipped,
         "samples": len(writer),
+        "pairs": tok.pairs,
         "tokens": writer.tokens,
         "targets": sum(writer.targets),
         "skipped": read.skipped + tok.skipped,

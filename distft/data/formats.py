@@ -1,11 +1,13 @@
-"""Record formats -> samples. Every format becomes one of four sample kinds:
+"""Record formats -> samples. Every format becomes one of five sample kinds:
 
 - `Conversation` (messages with roles): `instruction` (alpaca: `instruction`, optional
   `input` and `system`, `output`) and `chat` (`messages` of `role`/`content`, or the
   sharegpt spelling `conversations` of `from`/`value` with roles human/gpt/system);
 - `Completion`: `prompt_completion` (`prompt`, `completion`; trained on the completion);
 - `Text`: `text` (continued pre-training: every token is trained);
-- `Tokens`: `tokenized` (`input_ids`, optional `labels`).
+- `Tokens`: `tokenized` (`input_ids`, optional `labels`);
+- `Pair`: `preference` (`chosen` and `rejected`, TRL's forms; see `distft.data.preference`):
+  two sides, each a `Completion` or a `Conversation`, sharing one prompt.
 
 A conversation has an optional first system message, then user and assistant turns in
 turn, starting with the user's (as the chat templates that check it require).
@@ -53,17 +55,28 @@ class Tokens:
     labels: list[int] | None = None
 
 
-Sample = Conversation | Completion | Text | Tokens
+@dataclass(frozen=True)
+class Pair:
+    """A preference pair: two answers to one prompt. Both sides are the same kind; a
+    conversation side is the shared prompt messages followed by its reply."""
+
+    source: str
+    chosen: Conversation | Completion
+    rejected: Conversation | Completion
+
+
+Sample = Conversation | Completion | Text | Tokens | Pair
 
 
 @dataclass
 class ReadReport:
     records: int = 0
     skipped: int = 0
+    pairs: int = 0  # records that are preference pairs (a source is all pairs or none)
     first_skipped: list[str] = field(default_factory=list, compare=False)
 
 
-class _Fields:
+class Fields:
     def __init__(self, fields: dict[str, str] | None):
         self._map = fields or {}
 
@@ -71,7 +84,7 @@ class _Fields:
         return self._map.get(canonical, canonical)
 
 
-def _text(record: dict[str, Any], key: str, required: bool = True) -> str:
+def field_text(record: dict[str, Any], key: str, required: bool = True) -> str:
     if key not in record or record[key] is None:
         if required:
             raise ValueError(f"missing field '{key}'")
@@ -89,7 +102,9 @@ def _text(record: dict[str, Any], key: str, required: bool = True) -> str:
     return value
 
 
-def _detect(record: dict[str, Any], f: _Fields) -> str:
+def _detect(record: dict[str, Any], f: Fields) -> str:
+    if f("chosen") in record or f("rejected") in record:  # a missing side: a bad pair
+        return "preference"
     if f("input_ids") in record:
         return "tokenized"
     if f("messages") in record or "conversations" in record:
@@ -107,51 +122,57 @@ def _detect(record: dict[str, Any], f: _Fields) -> str:
     )
 
 
-def _instruction(record: dict[str, Any], f: _Fields) -> list[dict[str, str]]:
-    prompt = _text(record, f("instruction"))
-    extra = _text(record, f("input"), required=False)
+def _instruction(record: dict[str, Any], f: Fields) -> list[dict[str, str]]:
+    prompt = field_text(record, f("instruction"))
+    extra = field_text(record, f("input"), required=False)
     if extra:
         prompt = f"{prompt}\n\n{extra}"
-    system = _text(record, f("system"), required=False)
+    system = field_text(record, f("system"), required=False)
     head = [{"role": "system", "content": system}] if system else []
     return [
         *head,
         {"role": "user", "content": prompt},
-        {"role": "assistant", "content": _text(record, f("output"))},
+        {"role": "assistant", "content": field_text(record, f("output"))},
     ]
 
 
-def _chat(record: dict[str, Any], f: _Fields) -> list[dict[str, str]]:
+def _chat(record: dict[str, Any], f: Fields) -> list[dict[str, str]]:
     key, role_key, content_key = f("messages"), f("role"), f("content")
-    roles: tuple[str, ...] = ROLES
     mapping = {r: r for r in ROLES}
     if key not in record and "conversations" in record:  # sharegpt spelling
         key, role_key, content_key = "conversations", "from", "value"
-        roles, mapping = tuple(SHAREGPT_ROLES), SHAREGPT_ROLES
+        mapping = SHAREGPT_ROLES
     messages = record.get(key)
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"field '{key}' must be a non-empty list")
     out = []
-    system = _text(record, f("system"), required=False) if key == "conversations" else ""
+    system = field_text(record, f("system"), required=False) if key == "conversations" else ""
     if system:
         out.append({"role": "system", "content": system})
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"{key}[{i}] must be an object with '{role_key}' and '{content_key}'")
-        role = m.get(role_key)
-        if role not in mapping:
-            raise ValueError(f"{key}[{i}].{role_key}: unknown role {role!r}; allowed: {roles}")
-        out.append({"role": mapping[role], "content": _text(m, content_key)})
-        _check_turn(out, f"{key}[{i}].{role_key}", role)
+        out.append(message(m, f"{key}[{i}]", role_key, content_key, mapping))
+        check_turn(out, f"{key}[{i}].{role_key}", m[role_key])
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError("no assistant message: nothing to train on")
     return out
 
 
+def message(
+    m: Any, where: str, role_key: str, content_key: str, mapping: dict[str, str]
+) -> dict[str, str]:
+    """One message of a list (`where`: its place, `key[i]`) as {role, content}."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{where} must be an object with '{role_key}' and '{content_key}'")
+    role = m.get(role_key)
+    if role not in mapping:
+        raise ValueError(f"{where}.{role_key}: unknown role {role!r}; allowed: {tuple(mapping)}")
+    return {"role": mapping[role], "content": field_text(m, content_key)}
+
+
 ALTERNATION = "after an optional first system message, turns alternate user, assistant, ..."
 
 
-def _check_turn(out: list[dict[str, str]], where: str, spelled: str) -> None:
+def check_turn(out: list[dict[str, str]], where: str, spelled: str) -> None:
     """The last message of `out` in its place: a system message first only, then user and
     assistant turns in turn (what chat templates that check, Mistral's and Gemma's, allow;
     a conversation that breaks it renders differently, or not at all, across templates)."""
@@ -179,7 +200,7 @@ def _int_list(record: dict[str, Any], key: str) -> list[int]:
     return value
 
 
-def _tokens(record: dict[str, Any], f: _Fields, source: str) -> Tokens:
+def _tokens(record: dict[str, Any], f: Fields, source: str) -> Tokens:
     ids = _int_list(record, f("input_ids"))
     if record.get(f("labels")) is None:
         return Tokens(source, ids)
@@ -195,7 +216,7 @@ def to_sample(record: Any, source: str, fmt: str, fields: dict[str, str] | None)
     """One record as a sample; raises ValueError (without the source) if it is bad."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    f = _Fields(fields)
+    f = Fields(fields)
     if fmt == "auto":
         fmt = _detect(record, f)
     if fmt == "instruction":
@@ -203,12 +224,18 @@ def to_sample(record: Any, source: str, fmt: str, fields: dict[str, str] | None)
     if fmt == "chat":
         return Conversation(source, _chat(record, f))
     if fmt == "prompt_completion":
-        return Completion(source, _text(record, f("prompt")), _text(record, f("completion")))
+        return Completion(
+            source, field_text(record, f("prompt")), field_text(record, f("completion"))
+        )
     if fmt == "text":
-        text = _text(record, f("text"))
+        text = field_text(record, f("text"))
         if not text:
             raise ValueError(f"field '{f('text')}' is empty")
         return Text(source, text)
+    if fmt == "preference":
+        from distft.data.preference import to_pair  # it builds on this module's parts
+
+        return to_pair(record, source, f)
     if fmt == "tokenized":
         if f("input_ids") not in record:
             raise ValueError(f"missing field '{f('input_ids')}'")
@@ -241,5 +268,22 @@ def parse(
             if len(report.first_skipped) < 3:
                 report.first_skipped.append(msg)
             continue
+        if report.records and isinstance(sample, Pair) != (report.pairs > 0):
+            _mixed(sample, where, on_bad_record, report)
+            continue
         report.records += 1
+        report.pairs += isinstance(sample, Pair)
         yield sample
+
+
+def _mixed(sample: Sample, where: str, on_bad_record: str, report: ReadReport) -> None:
+    """A pair in a source of single samples, or the reverse: the cache stores a source's
+    rows as pairs (2k, 2k+1) or as single samples, so one kind per source."""
+    kinds = ("a preference pair", "single samples") if isinstance(sample, Pair) else (
+        "a single sample", "preference pairs")  # fmt: skip
+    msg = f"{where}: {kinds[0]} in a source of {kinds[1]}; a source holds one kind"
+    if on_bad_record != "skip":
+        raise DataError(msg)
+    report.skipped += 1
+    if len(report.first_skipped) < 3:
+        report.first_skipped.append(msg)

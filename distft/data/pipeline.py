@@ -75,8 +75,9 @@ def build(
         m = result.meta
         if result.built:
             rate = m["tokens"] / max(m["build_seconds"], 1e-9)
-            log(f"preprocessed {spec.label}: {m['samples']:,} samples, {m['tokens']:,} tokens "
-                f"in {m['build_seconds']:.1f}s ({rate:,.0f} tokens/s)")  # fmt: skip
+            pairs = f" ({m['pairs']:,} preference pairs)" if m["pairs"] else ""
+            log(f"preprocessed {spec.label}: {m['samples']:,} samples{pairs}, {m['tokens']:,} "
+                f"tokens in {m['build_seconds']:.1f}s ({rate:,.0f} tokens/s)")  # fmt: skip
         results.append(result)
     return results
 

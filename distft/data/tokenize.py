@@ -19,6 +19,13 @@ their offsets, many gigabytes, to keep 128): two prefixes of it are, one twice t
 and when their first `max_seq_len + 1` tokens (and offsets) agree, those are its tokens
 (the cut changed nothing before it); otherwise longer prefixes, up to the whole text.
 Truncation and `too_long: drop` then see the same tokens as before.
+
+A preference `Pair` gives two rows, chosen then rejected, each encoded as above except that
+only its reply is trained whatever `train_on` says (a completion side: the completion and
+EOS; a conversation side: the assistant turns after the prompt the sides share, each with
+its end-of-turn token). A pair is kept or lost whole: if either side is bad the pair is one
+bad record, and if either is too long with `too_long: drop` both are dropped (counted once);
+`truncate` cuts each side on its own (a pair counted once).
 """
 
 from __future__ import annotations
@@ -26,16 +33,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from distft.data import templates
-from distft.data.formats import Completion, Conversation, Sample, Tokens
+from distft.data.formats import Completion, Conversation, Pair, Sample, Text, Tokens
+from distft.data.preference import reply_turns
 from distft.data.records import DataError
 from distft.data.templates import TemplateError, chat_template
 
 IGNORE = -100
+Row = tuple[np.ndarray, np.ndarray]  # (ids, labels) of one sample
+Single = Conversation | Completion | Text | Tokens  # a sample that is one row
 CHUNK = 256  # samples per tokenizer call (the fast tokenizer batches in Rust)
 LONG_TEXT_TOKENS = 64  # characters a token: a text longer than this x max_seq_len is cut
 
@@ -50,9 +60,10 @@ class EncodeSettings:
 
 @dataclass
 class TokenizeReport:
-    truncated: int = 0
-    dropped: int = 0
+    truncated: int = 0  # samples (pairs) cut to max_seq_len
+    dropped: int = 0  # samples (pairs) over max_seq_len left out
     skipped: int = 0
+    pairs: int = 0  # pairs encoded (two rows each)
     first_skipped: list[str] = field(default_factory=list, compare=False)
 
 
@@ -94,8 +105,8 @@ class Encoder:
         self.vocab = len(tokenizer)
 
     def _finish(
-        self, sample: Sample, ids: np.ndarray, labels: np.ndarray, report: TokenizeReport
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+        self, source: str, ids: np.ndarray, labels: np.ndarray, report: TokenizeReport
+    ) -> Row | None:
         labels[:1] = IGNORE
         truncated = len(ids) > self.s.max_seq_len
         if truncated and self.s.too_long == "drop":
@@ -104,7 +115,7 @@ class Encoder:
         ids, labels = ids[: self.s.max_seq_len], labels[: self.s.max_seq_len]
         if not (labels != IGNORE).any():
             why = "after truncation to max_seq_len" if truncated else "in the trained turns"
-            raise DataError(f"{sample.source}: no trainable tokens {why}")
+            raise DataError(f"{source}: no trainable tokens {why}")
         report.truncated += truncated
         return ids, labels
 
@@ -167,22 +178,34 @@ class Encoder:
         eos = np.array([self.eos], dtype=np.int32)
         return np.concatenate([ids, eos]), np.concatenate([labels, eos])
 
-    def _chunk(self, chunk: list[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Encoded (ids, labels) of each sample, in order; DataError if one is bad."""
-        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(chunk)
+    def _chunk(self, chunk: list[Sample]) -> list[list[Row]]:
+        """Encoded (ids, labels) rows of each sample, in order (a pair's: chosen, then
+        rejected); DataError if one is bad."""
+        rows = self._rows([side for sample in chunk for side in _sides(sample)])
+        out, at = [], 0
+        for sample in chunk:
+            width = 2 if isinstance(sample, Pair) else 1
+            out.append(rows[at : at + width])
+            at += width
+        return out
+
+    def _rows(self, chunk: list[tuple[Single, int | None]]) -> list[Row]:
+        """Encoded (ids, labels) of each (sample, reply turns), in order. `reply` is None
+        for a sample of its own (`train_on` applies), else the sample is a pair's side:
+        its prompt is not trained, and of a conversation only the last `reply` turns."""
+        out: list[Row | None] = [None] * len(chunk)
         chats: list[tuple[int, str, list[tuple[int, int]]]] = []
         texts: list[tuple[int, str]] = []
-        completions: list[tuple[int, Completion]] = []
-        for i, sample in enumerate(chunk):
+        completions: list[tuple[int, Completion, bool]] = []
+        for i, (sample, reply) in enumerate(chunk):
             if isinstance(sample, Tokens):
                 out[i] = self._tokens(sample)
             elif isinstance(sample, Conversation):
                 if self.s.template is None:
                     chat_template(self.tok, "tokenizer")  # TemplateError: the tokenizer has none
-                text, spans = conversation_spans(self.tok, sample, self.s.train_on, self.s.template)
-                chats.append((i, text, spans))
+                chats.append((i, *self._spans(sample, reply)))
             elif isinstance(sample, Completion):
-                completions.append((i, sample))
+                completions.append((i, sample, reply is not None or self.s.train_on != "all"))
             else:
                 texts.append((i, sample.text))
         as_array = partial(np.asarray, dtype=np.int32)
@@ -198,21 +221,29 @@ class Encoder:
             for (i, _), ids in zip(texts, enc["input_ids"], strict=True):
                 out[i] = self._with_eos(as_array(ids), as_array(ids))
         if completions:  # tokenized apart, as at inference: no token straddles the boundary
-            prompts = self._tokenize([c.prompt for _, c in completions], special=True)
-            answers = self._tokenize([c.completion for _, c in completions], special=False)
-            for (i, _), p, a in zip(
+            prompts = self._tokenize([c.prompt for _, c, _ in completions], special=True)
+            answers = self._tokenize([c.completion for _, c, _ in completions], special=False)
+            for (i, _, hide), p, a in zip(
                 completions, prompts["input_ids"], answers["input_ids"], strict=True
             ):
                 ids = as_array(p + a)
-                hidden = len(p) if self.s.train_on != "all" else 0
+                hidden = len(p) if hide else 0
                 labels = np.concatenate([np.full(hidden, IGNORE, np.int32), ids[hidden:]])
                 out[i] = self._with_eos(ids, labels)
         return [x for x in out if x is not None]
 
+    def _spans(self, conv: Conversation, reply: int | None) -> tuple[str, list[tuple[int, int]]]:
+        """The training text and trained spans: `train_on`'s, or the last `reply` turns."""
+        if reply is None:
+            return conversation_spans(self.tok, conv, self.s.train_on, self.s.template)
+        train_on = "last_assistant_turn" if reply == 1 else "assistant"
+        text, spans = conversation_spans(self.tok, conv, train_on, self.s.template)
+        return text, spans[-reply:]
+
     def encode_many(
         self, samples: Iterable[Sample], on_bad_record: str, report: TokenizeReport
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, labels) int32 arrays for each usable sample, in order."""
+    ) -> Iterator[Row]:
+        """(ids, labels) int32 arrays for each usable sample, in order (two for a pair)."""
         chunk: list[Sample] = []
         for sample in samples:
             chunk.append(sample)
@@ -224,7 +255,7 @@ class Encoder:
 
     def _encode_chunk(
         self, chunk: list[Sample], on_bad_record: str, report: TokenizeReport
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[Row]:
         try:
             encoded = list(zip(chunk, self._chunk(chunk), strict=True))
         except TemplateError:
@@ -236,14 +267,25 @@ class Encoder:
                     encoded += [(sample, self._chunk([sample])[0])]
                 except DataError as e:
                     self._bad(e, on_bad_record, report)
-        for sample, (ids, labels) in encoded:
+        for sample, rows in encoded:
             try:
-                done = self._finish(sample, ids, labels, report)
+                yield from self._finish_sample(sample, rows, report)
             except DataError as e:
                 self._bad(e, on_bad_record, report)
-                continue
-            if done is not None:
-                yield done
+
+    def _finish_sample(self, sample: Sample, rows: list[Row], report: TokenizeReport) -> list[Row]:
+        """A sample's finished rows; a pair's both or neither (and counted once)."""
+        local = TokenizeReport()
+        done = [
+            self._finish(where, *row, local)
+            for where, row in zip(_row_sources(sample), rows, strict=True)
+        ]
+        report.truncated += local.truncated > 0
+        if local.dropped:
+            report.dropped += 1
+            return []
+        report.pairs += isinstance(sample, Pair)
+        return [row for row in done if row is not None]
 
     @staticmethod
     def _bad(e: DataError, on_bad_record: str, report: TokenizeReport) -> None:
@@ -254,6 +296,48 @@ class Encoder:
             report.first_skipped.append(str(e))
 
 
+def _sides(sample: Sample) -> list[tuple[Single, int | None]]:
+    """What `Encoder._rows` encodes for a sample: itself, or a pair's two sides."""
+    if not isinstance(sample, Pair):
+        return [(sample, None)]
+    if isinstance(sample.chosen, Conversation):
+        chosen, rejected = reply_turns(sample)
+        return [(sample.chosen, chosen), (sample.rejected, rejected)]
+    return [(sample.chosen, 0), (sample.rejected, 0)]
+
+
+def _row_sources(sample: Sample) -> list[str]:
+    """How errors name each row of a sample: `file:line`, or `file:line: chosen` ..."""
+    if isinstance(sample, Pair):
+        return [f"{sample.source}: chosen", f"{sample.source}: rejected"]
+    return [sample.source]
+
+
+Encoded = tuple[list[int], list[int], bool]
+
+
+@overload
+def encode(
+    tokenizer: Any,
+    sample: Pair,
+    max_seq_len: int,
+    *,
+    train_on: str = ...,
+    template: str | None = ...,
+) -> tuple[Encoded, Encoded]: ...
+
+
+@overload
+def encode(
+    tokenizer: Any,
+    sample: Single,
+    max_seq_len: int,
+    *,
+    train_on: str = ...,
+    template: str | None = ...,
+) -> Encoded: ...
+
+
 def encode(
     tokenizer: Any,
     sample: Sample,
@@ -261,12 +345,15 @@ def encode(
     *,
     train_on: str = "assistant",
     template: str | None = None,
-) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) of one sample. Raises DataError if nothing is left to
-    train on. (Training goes through `Encoder.encode_many`: the same code, in chunks.)"""
+) -> Encoded | tuple[Encoded, Encoded]:
+    """(input_ids, labels, truncated) of one sample; of a pair, those of (chosen, rejected).
+    Raises DataError if nothing is left to train on. (Training goes through
+    `Encoder.encode_many`: the same code, in chunks.)"""
     enc = Encoder(tokenizer, EncodeSettings(max_seq_len, train_on, "truncate", template))
-    ids, labels = enc._chunk([sample])[0]
-    report = TokenizeReport()
-    done = enc._finish(sample, ids, labels, report)
-    assert done is not None  # too_long="truncate" never drops
-    return done[0].tolist(), done[1].tolist(), bool(report.truncated)
+    out = []
+    for where, (ids, labels) in zip(_row_sources(sample), enc._chunk([sample])[0], strict=True):
+        report = TokenizeReport()
+        done = enc._finish(where, ids, labels, report)
+        assert done is not None  # too_long="truncate" never drops
+        out.append((done[0].tolist(), done[1].tolist(), bool(report.truncated)))
+    return (out[0], out[1]) if isinstance(sample, Pair) else out[0]
