@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 
 from distft import config as config_mod
-from distft import preempt, rundir
+from distft import rundir
+from distft.checkpoint import preempt
 from distft.errors import UserError
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ def _print_plan_summary(cfg: config_mod.Config) -> None:
 
 
 def _reshard_before_launch(cfg: config_mod.Config) -> None:
-    from distft.reshard import convert_for_resume
+    from distft.checkpoint.reshard import convert_for_resume
 
     if line := convert_for_resume(cfg):  # before Ray: no collective timeout bounds it
         err.print(line, markup=False)
@@ -219,7 +220,7 @@ def plan(
 
     # DeepSpeed logs "Setting accelerator to CPU" to stdout as it loads: not into the JSON
     logging.getLogger("DeepSpeed").addFilter(lambda r: r.levelno >= logging.ERROR)
-    from distft.hf_folder import parse_size
+    from distft.export.hf_folder import parse_size
     from distft.plan import make_plan
     from distft.plan import report as plan_report
     from distft.plan.auto import resolve_auto
@@ -279,7 +280,7 @@ def export(
 ) -> None:
     """Checkpoint -> Hugging Face model or PEFT adapter, checked against the checkpoint."""
     from distft.export import export_checkpoint
-    from distft.verify import VerificationFailed
+    from distft.export.verify import VerificationFailed
 
     try:
         result = export_checkpoint(
@@ -306,7 +307,7 @@ def reshard(
 ) -> None:
     """Convert a checkpoint to DeepSpeed's universal form (one process per core), so a
     resume on another number of workers starts at once."""
-    from distft.reshard import convert_before_launch
+    from distft.checkpoint.reshard import convert_before_launch
 
     if not source.is_dir():
         _fail([f"{source}: not a directory"], EXIT_BAD_INPUT)

@@ -113,7 +113,7 @@ def finished(cfg: Config) -> str | None:
     """The line to print when this run has nothing left to do, else None. Cheap: a
     listing, one state file and the config's fingerprint; hashes are not verified."""
     from distft.checkpoint import MANIFEST, STATE, TrainState
-    from distft.fingerprint import fingerprint, fingerprint_changes
+    from distft.checkpoint.fingerprint import fingerprint, fingerprint_changes
 
     if cfg.checkpoint.resume != "auto":
         return None

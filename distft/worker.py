@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from distft import dist as distmod
-from distft import preempt, seqpar, watchdog
-from distft.checkpoint import CheckpointCoordinator, TrainState
+from distft import seqpar, watchdog
+from distft.checkpoint import CheckpointCoordinator, TrainState, preempt
+from distft.checkpoint.fingerprint import fingerprint
 from distft.config import Config
 from distft.data import describe, prepare
 from distft.engine import build_ds_config, create_engine
 from distft.export import save_final
-from distft.fingerprint import fingerprint
 from distft.launch.preflight import preflight
 from distft.metrics import make_logger
 from distft.model import build_model, count_params, load_tokenizer

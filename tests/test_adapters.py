@@ -12,11 +12,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from distft.checkpoint.fingerprint import fingerprint
 from distft.config import Config, from_dict
 from distft.data.cache import tokenizer_fingerprint
 from distft.errors import UserError
-from distft.fingerprint import fingerprint
-from distft.hf_folder import lora_names
+from distft.export.hf_folder import lora_names
 from distft.model import build_model, check_model, load_tokenizer
 from distft.neftune import attach, noise_scale, sample_lengths
 from distft.tolerance import Kind, assert_close

@@ -78,7 +78,7 @@ def test_lora_with_added_token_modules_to_save_and_neftune(tiny: Any, tmp_path: 
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     # rank 0 reloaded final/ with plain peft (base resized) and matched the engine's logits,
-    # probing the added token too (distft.verify.probe_inputs)
+    # probing the added token too (distft.export.verify.probe_inputs)
     final_line = [line for line in log.splitlines() if "final model written" in line]
     assert final_line and within_reported_bound(final_line[0]), final_line
     losses = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]

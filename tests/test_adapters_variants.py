@@ -15,7 +15,7 @@ import torch
 
 from distft import quant
 from distft.config import ConfigError
-from distft.hf_folder import base_model, lora_names
+from distft.export.hf_folder import base_model, lora_names
 from distft.lora import with_lora
 from distft.model import build_model
 from tests.test_adapters import lora, make_cfg

@@ -364,7 +364,7 @@ def _fake_finished(s: Setup, *, final_after: bool = True, finished: bool = True)
     writes at its last save), with this config's fingerprint, and its final/."""
     from distft import config as config_mod
     from distft.checkpoint import TrainState
-    from distft.fingerprint import fingerprint
+    from distft.checkpoint.fingerprint import fingerprint
 
     path = s.write()
     reaches_ray(str(path))  # takes the directory and writes the resolved config

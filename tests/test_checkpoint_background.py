@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distft.checkpoint import background
-from distft.fingerprint import hash_file
+from distft.checkpoint.fingerprint import hash_file
 
 
 def test_snapshot_is_independent_of_the_live_state_and_keeps_aliases() -> None:

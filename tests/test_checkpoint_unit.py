@@ -13,19 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from distft import faults, preempt
+from distft import faults
 from distft.checkpoint import (
     MANIFEST,
     STATE,
     CheckpointCoordinator,
     CheckpointError,
     TrainState,
+    preempt,
     rng_state,
     set_rng_state,
 )
+from distft.checkpoint.fingerprint import fingerprint, fingerprint_changes, hash_file
 from distft.config import Config, from_dict
 from distft.dist import DistContext
-from distft.fingerprint import fingerprint, fingerprint_changes, hash_file
 
 ONE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -303,7 +304,7 @@ def test_fp16_dynamic_loss_scaler_unpickles_and_other_classes_do_not(tmp_path: P
     from deepspeed.checkpoint.constants import LOSS_SCALER
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
-    from distft.consolidate import ConsolidationError, check_pickles
+    from distft.export.consolidate import ConsolidationError, check_pickles
     from distft.safeload import checkpoint_engine as weights_only_checkpoint_engine
 
     ok = tmp_path / "ok"

@@ -14,7 +14,7 @@ import pytest
 import ray
 import yaml
 
-from distft import preempt
+from distft.checkpoint import preempt
 from distft.config import Config, load
 from tests.support import REPO
 

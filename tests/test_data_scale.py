@@ -18,13 +18,13 @@ from transformers import AutoTokenizer
 
 from distft.assets import TinyAssets, build_tiny_assets
 from distft.checkpoint import MANIFEST, STATE, TrainState
+from distft.checkpoint.fingerprint import fingerprint, fingerprint_changes, hash_files
 from distft.config import load, resolve_paths
 from distft.data import Completion, Conversation, Text
 from distft.data import tokenize as tokenize_mod
 from distft.data.records import file_records
 from distft.data.store import TokenArrays, TokenWriter
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
-from distft.fingerprint import fingerprint, fingerprint_changes, hash_files
 from tests.support import DISTFT, REPO, run_cli, write_config
 
 MB = 1_000_000

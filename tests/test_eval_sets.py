@@ -13,11 +13,11 @@ import torch
 from transformers import AutoTokenizer
 
 from distft.assets import TinyAssets
+from distft.checkpoint.fingerprint import fingerprint
 from distft.config import ConfigError, from_dict, resolve_paths
 from distft.data import prepare
 from distft.data.pipeline import load
 from distft.dist import DistContext
-from distft.fingerprint import fingerprint
 
 ONE = DistContext(0, 1, 0, torch.device("cpu"))
 

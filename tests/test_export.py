@@ -25,12 +25,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distft.consolidate import iter_shards, plan_shards, read_layout
 from distft.errors import UserError
 from distft.export import export_checkpoint, verify_export
-from distft.hf_folder import parse_size
+from distft.export.consolidate import iter_shards, plan_shards, read_layout
+from distft.export.hf_folder import parse_size
+from distft.export.verify import VerificationFailed
 from distft.tolerance import Kind, assert_close
-from distft.verify import VerificationFailed
 from tests.reference_runs import LORA_R, RUNS, TrainedRun
 from tests.support import run_cli
 
@@ -298,7 +298,7 @@ def test_offline_reshard_converts_once_and_refuses_a_corrupted_checkpoint(
     """`distft reshard RUN`: the newest checkpoint of a 2-worker ZeRO-2 run, converted with
     one process per core into `.universal/` (its manifest checked by the loader's own
     check); a second call finds it ready; a corrupted checkpoint is one line, exit 2."""
-    from distft.reshard import check_universal
+    from distft.checkpoint.reshard import check_universal
 
     src = trained["zero2_full"]
     run = tmp_path / "run"

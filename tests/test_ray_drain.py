@@ -1,4 +1,4 @@
-"""Ray node drains (spot preemption): unit checks of distft.preempt's drain helpers and
+"""Ray node drains (spot preemption): unit checks of distft.checkpoint.preempt's drain helpers and
 the launcher's restart, then the real thing.
 
 A Ray node drain (spot preemption) mid-run, on two test hosts in network namespaces
@@ -7,7 +7,7 @@ on host 2 (10.233.0.2, 1 CPU); `cluster.placement: spread` puts one rank on each
 
 Mid-run, `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` announces that host 2 goes
 away in 60 s. Ray Train's PreemptionWatcher tells every worker; each rank sees it at its
-next step (distft.preempt.drain_announced), the ranks stop at the same step with a
+next step (distft.checkpoint.preempt.drain_announced), the ranks stop at the same step with a
 committed checkpoint, and distft's launcher starts a new worker group (on host 1: Ray
 schedules nothing new on a draining node) that resumes from it and finishes the run.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from distft import preempt
+from distft.checkpoint import preempt
 from tests import netns_fixture
 from tests.cluster_run import cluster_config, launches, losses, start_train
 from tests.support import REPO

@@ -40,8 +40,8 @@ def test_exported_chat_model_stops_at_the_templates_end_of_turn(tiny: Any, tmp_p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from distft import hf_folder as hf
     from distft.config import from_dict
+    from distft.export import hf_folder as hf
 
     base = tmp_path / "base"
     tok = AutoTokenizer.from_pretrained(tiny.model_dir)
@@ -82,7 +82,7 @@ def test_end_of_turn_of_each_template(tiny: Any) -> None:
     from transformers import AutoTokenizer
 
     from distft.data.templates import BUILTIN
-    from distft.hf_folder import end_of_turn_id, stop_ids
+    from distft.export.hf_folder import end_of_turn_id, stop_ids
 
     tok = AutoTokenizer.from_pretrained(tiny.model_dir)
     assert end_of_turn_id(tok) == tok.eos_token_id  # the tiny template ends turns with eos

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from distft import reshard, safeload
-from distft.checkpoint import CheckpointError
+from distft import safeload
+from distft.checkpoint import CheckpointError, reshard
 from distft.dist import DistContext
 from tests.support import DISTFT, REPO, tiny_config, write_config
 

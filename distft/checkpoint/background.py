@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from distft import faults
-from distft.fingerprint import hash_file
+from distft.checkpoint.fingerprint import hash_file
 
 WRITTEN = ".written_rank{rank}.json"
 FAILED = ".failed_rank{rank}"

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from distft import __version__, diskspace, faults, reshard, safeload
-from distft.checkpoint import background
+from distft import __version__, diskspace, faults, safeload
+from distft.checkpoint import background, reshard
+from distft.checkpoint.fingerprint import fingerprint_changes, hash_file
 from distft.checkpoint.state import TrainState, rng_state, set_rng_state
 from distft.config import Config
 from distft.dist import DistContext
 from distft.errors import CheckpointError
-from distft.fingerprint import fingerprint_changes, hash_file
 
 MANIFEST = "manifest.json"
 STATE = "train_state.json"

@@ -12,10 +12,10 @@ from distft.checkpoint.coordinator import (
     _changed,
     _never_but_saved,
 )
+from distft.checkpoint.fingerprint import fingerprint_changes
 from distft.config import Config
 from distft.dist import DistContext
 from distft.errors import CheckpointError
-from distft.fingerprint import fingerprint_changes
 
 
 def check_before_launch(cfg: Config) -> None:
@@ -24,7 +24,7 @@ def check_before_launch(cfg: Config) -> None:
     path, a newest checkpoint saved with another fingerprint). Cheap: a listing and one
     state file; the workers still verify hashes and decide (a torn newest checkpoint is
     left to them: they skip it)."""
-    from distft.fingerprint import fingerprint
+    from distft.checkpoint.fingerprint import fingerprint
 
     coordinator = CheckpointCoordinator(cfg.output_dir / "checkpoints", DRIVER, 1)
     committed = coordinator.committed()

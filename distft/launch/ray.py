@@ -156,9 +156,9 @@ def launch(cfg: Config, log: Callable[[str], None] = print) -> None:
     other failure starts a new worker group, up to `cluster.max_failures` times, and the
     new group resumes from the newest valid checkpoint. Node preemptions are still Ray's
     (`max_preemption_failures`, unlimited) and do not count. A Ray node drain announced
-    mid-run (distft.preempt.drain_announced) stops the workers at a step with a committed
+    mid-run (distft.checkpoint.preempt.drain_announced) stops the workers at a step with a committed
     checkpoint; a new group then resumes from it, without counting as a failure."""
-    from distft import preempt
+    from distft.checkpoint import preempt
 
     try:
         init_ray(cfg)

@@ -32,13 +32,13 @@ import torch
 import torch.distributed as tdist
 import xxhash
 
+from distft.checkpoint.fingerprint import base_weights_key
 from distft.config import Config
 from distft.data import PairSplit, Split, eval_batches
 from distft.data.cache import cache_root
 from distft.data.pipeline import DataSplits
 from distft.data.store import TokenArrays
 from distft.dist import DistContext
-from distft.fingerprint import base_weights_key
 from distft.model import resolved_attention
 from distft.objectives.base import Objective
 from distft.objectives.preference import Preference, Reference, sequence_logps

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from distft import safeload
+from distft.checkpoint.fingerprint import hash_file
 from distft.dist import DistContext
 from distft.errors import CheckpointError
-from distft.fingerprint import hash_file
 
 MANIFEST = "universal_manifest.json"
 

@@ -1,9 +1,10 @@
 """Export: a checkpoint (`distft export`) or the live engine (end of `distft train`) -> a
-Hugging Face folder (layout: `distft.hf_folder`), verified by logits (`distft.verify`).
+Hugging Face folder (layout: `distft.export.hf_folder`), verified by logits
+(`distft.export.verify`).
 
 A folder is written under a temporary name next to its destination and renamed into
 place once it is complete and verified, so a folder with the destination's name is whole.
-Memory: full models are consolidated one output shard at a time (`distft.consolidate`);
+Memory: full models are consolidated one output shard at a time (`distft.export.consolidate`);
 LoRA adapters are small; a merge holds the base model in fp32 once (twice while verifying).
 """
 
@@ -22,11 +23,13 @@ import deepspeed
 import torch
 
 from distft import config as config_mod
-from distft import hf_folder as hf
-from distft import verify as v
 from distft.checkpoint import CheckpointCoordinator
 from distft.config import Config
-from distft.consolidate import (
+from distft.dist import DistContext
+from distft.errors import UserError
+from distft.export import hf_folder as hf
+from distft.export import verify as v
+from distft.export.consolidate import (
     Layout,
     iter_shards,
     materialize,
@@ -34,8 +37,6 @@ from distft.consolidate import (
     plan_shards,
     read_layout,
 )
-from distft.dist import DistContext
-from distft.errors import UserError
 from distft.tolerance import Kind
 
 

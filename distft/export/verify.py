@@ -3,7 +3,7 @@
 The exported folder is loaded the way a user loads it (plain `transformers` / `peft`),
 its logits are computed, and the same model object is then overwritten, tensor by tensor
 and by name, with the reference weights: DeepSpeed's own `zero_to_fp32` reading of the
-checkpoint (an implementation independent of `distft.consolidate`), or the live engine's
+checkpoint (an implementation independent of `distft.export.consolidate`), or the live engine's
 logits at the end of training. A weight that was dropped, renamed, mis-sliced, cast wrongly
 or re-initialised on load shows up as a logit difference far above the tolerance.
 """
@@ -116,7 +116,7 @@ def deepspeed_reference(ckpt: Path, trainable_only: bool) -> Mapping[str, Any]:
     it can: ZeRO-3 tensors are gathered when used)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from distft.consolidate import check_pickles
+    from distft.export.consolidate import check_pickles
 
     check_pickles(ckpt)  # DeepSpeed's reader unpickles without restrictions
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
