@@ -25,17 +25,21 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 # The tiny base is pre-trained once (.cache/tiny_pretrain; a rerun finds it finished and
 # skips it), then fine-tuned twice: full and LoRA, each with a `task` and a `general` eval
-# set (before -> after: what the fine-tune learned, and what it forgot).
+# set (before -> after: what the fine-tune learned, and what it forgot). Then DPO on top
+# of the full fine-tune: held-out preference accuracy before -> after.
 demo: venv
 	$(DISTFT) make-tiny .cache/tiny
 	$(DISTFT) train examples/tiny_pretrain.yaml
-	rm -rf runs/tiny_demo runs/tiny_demo_lora
+	rm -rf runs/tiny_demo runs/tiny_demo_lora runs/tiny_dpo
 	mkdir -p runs
 	set -o pipefail; $(DISTFT) train examples/tiny_demo.yaml | tee runs/tiny_demo.txt
 	set -o pipefail; $(DISTFT) train examples/tiny_demo_lora.yaml | tee runs/tiny_demo_lora.txt
+	set -o pipefail; $(DISTFT) train examples/tiny_dpo.yaml | tee runs/tiny_dpo.txt
 	@echo "== fine-tuning the pre-trained tiny model: eval loss before -> after =="
 	@echo "full fine-tuning:"; grep "^eval " runs/tiny_demo.txt | sed 's/^/  /'
 	@echo "LoRA:"; grep "^eval " runs/tiny_demo_lora.txt | sed 's/^/  /'
+	@echo "== DPO on top of the full fine-tune: held-out pairs before -> after =="
+	@grep "^eval " runs/tiny_dpo.txt | sed 's/^/  /'
 
 test: venv cluster-deps
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -4,7 +4,7 @@ strategy, on the same variable-length SFT samples, in the same process.
     .venv/bin/python -m bench.data_strategies [--samples 400 --repeats 3 ...]
 
 Every strategy goes through the real data path (`TrainBatches.for_step` -> `Batch` ->
-`distft.objective.nll_sum`) over one whole epoch of the same samples. Strategies run
+`distft.objectives.nll_sum`) over one whole epoch of the same samples. Strategies run
 interleaved (A B C A B C ...) so drift on a shared machine hits all of them alike; the
 table shows the median over repeats, the pad fraction (padding cells / batch cells) and
 the share of micro-batches that carry no attention mask at all.
@@ -27,7 +27,7 @@ from distft.config import from_dict
 from distft.data import Conversation, Split, TrainBatches
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 from distft.dist import DistContext
-from distft.objective import nll_sum
+from distft.objectives import nll_sum
 
 WORDS = [
     "cat",

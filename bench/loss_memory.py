@@ -1,6 +1,6 @@
 """Peak memory and time of the loss (LM head + cross-entropy, forward and backward) over
 n target tokens at a 128k vocabulary: the head at once (distft's path before the chunked
-loss: `F.cross_entropy(F.linear(h, W).float(), t)`) vs `distft.chunked_ce`, and on CUDA
+loss: `F.cross_entropy(F.linear(h, W).float(), t)`) vs `distft.objectives.chunked_ce`, and on CUDA
 Liger's fused linear cross-entropy when `liger_kernel` is installed.
 
     python -m bench.loss_memory [--device cpu|cuda] [--vocab 128256] [--hidden 4096]
@@ -35,7 +35,7 @@ def _case(method: str, device: str, vocab: int, hidden: int, n: int, chunk: int)
     import torch
     import torch.nn.functional as F
 
-    from distft.chunked_ce import chunked_nll_sum
+    from distft.objectives.chunked_ce import chunked_nll_sum
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -90,7 +90,7 @@ def step_times(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distft.data import IGNORE, collate
-    from distft.objective import nll_sum
+    from distft.objectives import nll_sum
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-ASSETS_VERSION = "distft-tiny-assets-v2"
+ASSETS_VERSION = "distft-tiny-assets-v3"
 VOCAB_SIZE = 512
 SYSTEM_PROMPT = "You are a helpful assistant."
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
@@ -62,6 +62,8 @@ class TinyAssets:
     chat_eval_file: Path
     general_train_file: Path  # general text (`text` format JSONL): the demo's pre-training
     general_eval_file: Path
+    pref_train_file: Path  # preference pairs of the same tasks (chosen right, rejected not)
+    pref_eval_file: Path
 
 
 def _layout(root: Path) -> TinyAssets:
@@ -75,6 +77,8 @@ def _layout(root: Path) -> TinyAssets:
         chat_eval_file=data / "chat_eval.jsonl",
         general_train_file=data / "general_train.jsonl",
         general_eval_file=data / "general_eval.jsonl",
+        pref_train_file=data / "pref_train.jsonl",
+        pref_eval_file=data / "pref_eval.jsonl",
     )
 
 
@@ -133,6 +137,8 @@ def _build_into(layout: TinyAssets, *, n_train: int, n_eval: int, seed: int) -> 
     _write_jsonl(layout.chat_eval_file, _to_chat(eval_, random.Random(seed + 2)))
     _write_jsonl(layout.general_train_file, general_text(n_train, random.Random(seed + 5)))
     _write_jsonl(layout.general_eval_file, general_text(n_eval, random.Random(seed + 6)))
+    _write_jsonl(layout.pref_train_file, preference_pairs(train, random.Random(seed + 7)))
+    _write_jsonl(layout.pref_eval_file, preference_pairs(eval_, random.Random(seed + 8)))
 
     # The tokenizer corpus has a fixed size, so the vocabulary does not depend on n_train.
     corpus_rng = random.Random(seed + 3)
@@ -229,7 +235,37 @@ def _to_chat(records: list[Record], rng: random.Random) -> list[dict[str, list[M
     return chats
 
 
-def _write_jsonl(path: Path, rows: list[Record] | list[dict[str, list[Message]]]) -> None:
+def _wrong(record: Record, rng: random.Random) -> str:
+    """A plausible answer that does not do the task: the input unchanged, a near miss."""
+    right, given = record["output"], record["input"]
+    if given and given != right and rng.random() < 0.5:
+        return given  # not reversed / sorted / uppercased
+    if right.isdigit():
+        return str(int(right) + rng.choice([-11, -2, -1, 1, 2, 10]))
+    words = right.split()
+    if len(words) > 1:
+        return " ".join(words[:-1]) if rng.random() < 0.5 else right + " " + words[0]
+    return right.lower() if right.lower() != right else right + right
+
+
+def preference_pairs(records: list[Record], rng: random.Random) -> list[dict[str, object]]:
+    """One pair per record: the prompt as a conversation (~30% with a system prompt), the
+    right answer chosen, a wrong one rejected."""
+    pairs: list[dict[str, object]] = []
+    for record in records:
+        prompt: list[Message] = []
+        if rng.random() < 0.3:
+            prompt.append({"role": "system", "content": SYSTEM_PROMPT})
+        prompt.append({"role": "user", "content": _user_text(record)})
+        wrong = _wrong(record, rng)
+        assert wrong != record["output"], record
+        pairs.append({"prompt": prompt, "chosen": record["output"], "rejected": wrong})
+    return pairs
+
+
+def _write_jsonl(
+    path: Path, rows: list[Record] | list[dict[str, list[Message]]] | list[dict[str, object]]
+) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -56,19 +56,37 @@ def progress_line(
     return " ".join(parts)
 
 
+ACCURACIES = ("rewards/accuracy", "logps/accuracy")
+
+
+def _label(key: str) -> str:
+    """`eval loss`, `eval code loss`, `eval rewards/accuracy`, `eval code logps/accuracy`."""
+    for a in ACCURACIES:
+        if key.endswith("/" + a):
+            return f"{eval_label(key.removesuffix(a) + 'loss').removesuffix(' loss')} {a}"
+    return eval_label(key)
+
+
 def eval_changes(rows: list[dict[str, Any]]) -> list[str]:
     """`eval loss 6.2544 -> 5.6184` for every eval loss in the metrics rows (first
     measurement -> last; one measurement: its value alone)."""
     from distft.report import series
 
-    keys = eval_loss_keys(k for r in rows for k in r)
+    logged = dict.fromkeys(k for r in rows for k in r)
+    # preference objectives: each eval set's accuracies after its loss
+    keys = [
+        key
+        for loss in eval_loss_keys(logged)
+        for key in (loss, *(loss.removesuffix("loss") + a for a in ACCURACIES))
+        if key in logged
+    ]
     lines = []
     for key in keys:
         _, values = series(rows, key)
         if len(values) >= 2:
-            lines.append(f"{eval_label(key)} {values[0]:.4f} -> {values[-1]:.4f}")
+            lines.append(f"{_label(key)} {values[0]:.4f} -> {values[-1]:.4f}")
         elif values:
-            lines.append(f"{eval_label(key)} {values[0]:.4f}")
+            lines.append(f"{_label(key)} {values[0]:.4f}")
     return lines
 
 

@@ -90,6 +90,8 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         "max_steps": cfg.batch.max_steps,
     }
     data = {k: v for k, v in d["data"].items() if k != "cache_dir"}
+    # where DPO's reference log-probs come from does not change them
+    objective = {**d["objective"], "dpo": {**d["objective"]["dpo"], "reference": None}}
 
     def h(obj: Any) -> str:
         return xxhash.xxh3_64_hexdigest(json.dumps(obj, sort_keys=True, default=str).encode())
@@ -98,6 +100,7 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         "model": h(d["model"]),
         "lora": h(d["lora"]),
         "optim": h(d["optim"]),
+        "objective": h(objective),
         "batch": h(batch),
         "deepspeed": h(d["deepspeed"]),
         "seed": h(d["seed"]),

@@ -28,7 +28,7 @@ LoRA: the frozen base still runs forward (2N) and back-propagates through activa
 (2N) but computes no weight gradients; the adapters' own N_lora weights cost 6*N_lora.
 
 distft's loop runs the LM head (d*V of N) only at positions with a target
-(distft.objective), so its steps count the head per target token, not per token.
+(distft.objectives.head), so its steps count the head per target token, not per token.
 Only real tokens count (padding is wasted work, not model FLOPs); a packed row counts each
 of its samples as its own sequence (attention is isolated). Activation recomputation
 (gradient checkpointing) is not counted: MFU counts model FLOPs, not hardware FLOPs.

@@ -36,6 +36,15 @@ PLOTS = (
          (("train/grad_norm", "grad norm"),), log_y=True),
     Plot("throughput.png", "Throughput", "tokens / s",
          (("train/tokens_per_s", "all tokens"), ("train/target_tokens_per_s", "target tokens"))),
+    # preference objectives (distft.objectives.preference); absent from SFT runs
+    Plot("rewards.png", "Implicit rewards", "reward",
+         (("train/rewards/chosen", "chosen"), ("train/rewards/rejected", "rejected"),
+          ("train/rewards/margins", "margin"))),
+    Plot("preference_accuracy.png", "Preference accuracy", "fraction of pairs",
+         (("train/rewards/accuracy", "train rewards"), ("eval/rewards/accuracy", "eval rewards"),
+          ("train/logps/accuracy", "train log-probs"), ("eval/logps/accuracy", "eval log-probs"))),
+    Plot("logps.png", "Policy log-probs", "summed log-prob",
+         (("train/logps/chosen", "chosen"), ("train/logps/rejected", "rejected"))),
 )  # fmt: skip
 
 COMPARE = (

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from distft.config import Config
 from distft.data import IGNORE, Batch, TrainBatches, eval_batches
 from distft.data.loader import resolve_batching
+from distft.data.pairs import PairSplit
 from distft.data.store import Split
 from distft.dist import DistContext
 from distft.errors import UserError
-from distft.objective import shifted_targets
+from distft.objectives import shifted_targets
 
 # The attention functions Ulysses replaced in transformers' registry, by implementation.
 _PLAIN: dict[str, Callable[..., Any]] = {}
@@ -95,7 +96,7 @@ class ShardedBatches(TrainBatches):
     """The micro-batches of this rank's data-parallel group, each cut to this rank's slice.
     Step totals, samples seen and the resume position are the data-parallel layout's."""
 
-    def __init__(self, split: Split, cfg: Config, dist: DistContext, pad_id: int):
+    def __init__(self, split: Split | PairSplit, cfg: Config, dist: DistContext, pad_id: int):
         super().__init__(split, cfg, dist.data_view(), pad_id)
         self.sp_size, self.sp_rank = dist.sp_size, dist.sp_rank
         self.rows = rows_per_batch(cfg)
@@ -107,14 +108,16 @@ class ShardedBatches(TrainBatches):
         ]
 
 
-def train_batches(split: Split, cfg: Config, dist: DistContext, pad_id: int) -> TrainBatches:
+def train_batches(
+    split: Split | PairSplit, cfg: Config, dist: DistContext, pad_id: int
+) -> TrainBatches:
     """This rank's training batches: whole sequences, or its slices of them."""
     if dist.sp_size == 1:
         return TrainBatches(split, cfg, dist, pad_id)
     return ShardedBatches(split, cfg, dist, pad_id)
 
 
-def eval_set(split: Split, cfg: Config, dist: DistContext, pad_id: int) -> list[Batch]:
+def eval_set(split: Split | PairSplit, cfg: Config, dist: DistContext, pad_id: int) -> list[Batch]:
     """This rank's eval batches. Under sequence parallelism they have the training
     micro-batch's row count (Ulysses' fixed shapes), not `eval.micro_batch_size`."""
     if dist.sp_size == 1:

@@ -1,6 +1,8 @@
-"""The training loop: one loop for full fine-tuning and LoRA alike.
+"""The training loop: one loop for full fine-tuning and LoRA, and for every objective
+(`distft.objectives`: SFT, or preference pairs; the loop does not branch on the method).
 
-Loss normalisation (per optimizer step, over *global* target tokens):
+Loss normalisation (per optimizer step, over *global* target tokens; for preference
+objectives read "pairs" for "target tokens": a pair counts 1 in `step_totals`):
 
     Let T = sum over all ranks r and micro-batches j of the target tokens t_rj, and
     S_rj the summed token NLL of micro-batch j on rank r. The loss we want is
@@ -42,29 +44,41 @@ from distft.data.prefetch import Prefetcher
 from distft.dist import DistContext
 from distft.flops import Throughput
 from distft.metrics import MetricsLogger
-from distft.objective import nll_sum
+from distft.objectives import Objective
 
 
 @torch.no_grad()
 def evaluate(
-    engine: Any, batches: list[Batch], dist: DistContext, chunk: int | None = None
-) -> float:
-    """Token-weighted mean NLL over the whole eval split (all ranks)."""
+    engine: Any, batches: list[Batch], dist: DistContext, objective: Objective
+) -> dict[str, float]:
+    """The mean loss over the whole eval split (all ranks), per target token (SFT) or per
+    pair, and the objective's metrics over the same units."""
     was_training = engine.module.training
     engine.module.eval()
-    total = count = 0.0
+    total, units = 0.0, 0.0
+    sums = dict.fromkeys(objective.metrics, 0.0)
     for b in batches:
-        total, count = total + nll_sum(engine, b.to(dist.device), chunk).item(), count + b.n_targets
+        out = objective(engine, b.to(dist.device))
+        total, units = total + out.total.item(), units + float(out.units)
+        for k, v in out.sums.items():
+            sums[k] += v.item()
     engine.module.train(was_training)
-    total, count = dist.sum([total, count])
-    return total / max(count, 1.0)
+    total, units, *values = dist.sum([total, units, *sums.values()])
+    return {"loss": total / max(units, 1.0)} | {
+        k: v / max(units, 1.0) for k, v in zip(sums, values, strict=True)
+    }
 
 
 def evaluate_all(
-    engine: Any, sets: dict[str, list[Batch]], dist: DistContext, chunk: int | None = None
+    engine: Any, sets: dict[str, list[Batch]], dist: DistContext, objective: Objective
 ) -> dict[str, float]:
-    """Each eval set's loss by its metric key (`eval/loss`, `eval/<name>/loss`), in order."""
-    return {key: evaluate(engine, batches, dist, chunk) for key, batches in sets.items()}
+    """Each eval set's loss by its metric key (`eval/loss`, `eval/<name>/loss`), in order,
+    each followed by the objective's metrics (`eval/<name>/rewards/accuracy`, ...)."""
+    out: dict[str, float] = {}
+    for key, batches in sets.items():
+        prefix = key.removesuffix("loss")
+        out |= {prefix + k: v for k, v in evaluate(engine, batches, dist, objective).items()}
+    return out
 
 
 def train(
@@ -73,6 +87,7 @@ def train(
     engine: Any,
     data: TrainBatches,
     eval_data: dict[str, list[Batch]],
+    objective: Objective,
     logger: MetricsLogger,
     start_step: int,
     stop_requested: Callable[[], bool],
@@ -98,24 +113,33 @@ def train(
             scale = world / totals.targets
 
             loss_sum = torch.zeros((), device=dist.device)
+            sums = torch.zeros(len(objective.metrics), device=dist.device)
             own_norm = None
             for host_batch in micro_batches:  # on the device one at a time
                 b = batches.to_device(host_batch)
-                s = nll_sum(engine, b, cfg.model.loss_chunk_size)
-                engine.backward(s * scale, scale_wrt_gas=False)
+                out = objective(engine, b)
+                engine.backward(out.total * scale, scale_wrt_gas=False)
                 if engine.is_gradient_accumulation_boundary():
                     own_norm = _norm_deepspeed_does_not_report(engine)
                 engine.step()  # DeepSpeed steps the optimizer and lr at the accumulation boundary
-                loss_sum += s.detach()  # no host sync per micro-batch
+                loss_sum += out.total.detach()  # no host sync per micro-batch
+                for i, key in enumerate(objective.metrics):
+                    sums[i] += out.sums[key]
             step += 1
 
-            local = [loss_sum.item(), float(stop_requested()), *perf.memory_by_rank()]
-            loss_total, stop_votes, *peak_mem = dist.sum(local)
+            own = [loss_sum.item(), *sums.tolist(), float(stop_requested())]
+            loss_total, *reduced = dist.sum([*own, *perf.memory_by_rank()])
+            n = len(objective.metrics)
+            method_sums, stop_votes, peak_mem = reduced[:n], reduced[n], reduced[n + 1 :]
             dt = time.perf_counter() - t0
             watchdog.end()
             grad_norm = _grad_norm(engine, own_norm)
             metrics = {
                 "train/loss": loss_total / totals.targets,
+                **{
+                    f"train/{k}": v / totals.targets
+                    for k, v in zip(objective.metrics, method_sums, strict=True)
+                },
                 "train/lr": engine.get_lr()[0],
                 **({"train/grad_norm": grad_norm} if grad_norm is not None else {}),
                 "train/step_time_s": dt,
@@ -127,7 +151,7 @@ def train(
             }
             if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
                 with watchdog.phase("eval", step):
-                    metrics.update(evaluate_all(engine, eval_data, dist, cfg.model.loss_chunk_size))
+                    metrics.update(evaluate_all(engine, eval_data, dist, objective))
             if step % cfg.logging.every_n_steps == 0 or step == data.total_steps:
                 logger.log(metrics, step)  # written by the logger's thread
             progress(step, metrics)

@@ -21,6 +21,7 @@ from distft.fingerprint import fingerprint
 from distft.launch.preflight import preflight
 from distft.metrics import make_logger
 from distft.model import build_model, count_params, load_tokenizer
+from distft.objectives.reference import objective_for
 from distft.train import evaluate_all, train
 
 
@@ -48,11 +49,6 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     data_stats, data_lines = describe(data, batches)
     for line in data_lines:
         dist.log(line)
-    evals = {  # by metric key; the first is the one keep_best ranks by
-        key: seqpar.eval_set(split, cfg, dist, tokenizer.pad_token_id)
-        for key, split in data.eval_sets().items()
-    }
-    best_key = next(iter(evals), None)
     laps.append(("data", time.perf_counter()))
 
     model = build_model(cfg, ds_config)
@@ -62,6 +58,14 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     mpu = seqpar.register(model, cfg, dist)  # None without sequence parallelism
     engine = create_engine(model, cfg, ds_config, batches.total_steps, mpu)
     laps.append(("deepspeed", time.perf_counter()))
+    # before the restore: DPO's precomputed reference is the starting weights
+    objective = objective_for(cfg, engine, data, dist, ds_config)
+    evals = {  # by metric key; the first is the one keep_best ranks by
+        key: seqpar.eval_set(split, cfg, dist, tokenizer.pad_token_id)
+        for key, split in data.eval_sets().items()
+    }
+    best_key = next(iter(evals), None)
+    laps.append(("objective", time.perf_counter()))
 
     ckpts = CheckpointCoordinator(
         cfg.output_dir / "checkpoints", dist, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best
@@ -111,9 +115,18 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     with watchdog.watching(cfg.watchdog, cfg.output_dir, dist.rank, dist.world_size):
         if evals and state.step == 0:
             with watchdog.phase("eval", 0):
-                logger.log(evaluate_all(engine, evals, dist, cfg.model.loss_chunk_size), 0)
+                logger.log(evaluate_all(engine, evals, dist, objective), 0)
         last = train(
-            cfg, dist, engine, batches, evals, logger, state.step, stop_requested, on_step_end
+            cfg,
+            dist,
+            engine,
+            batches,
+            evals,
+            objective,
+            logger,
+            state.step,
+            stop_requested,
+            on_step_end,
         )
         if stopped_by:
             dist.log(f"stopped at step {state.step} ({stopped_by[0]}); checkpoint committed")
@@ -125,7 +138,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
             final_evals = {k: v for k, v in last.items() if k.startswith("eval/")}
             if not final_evals:
                 with watchdog.phase("eval", state.step):
-                    final_evals = evaluate_all(engine, evals, dist, cfg.model.loss_chunk_size)
+                    final_evals = evaluate_all(engine, evals, dist, objective)
                 logger.log(final_evals, state.step)
             state.record_eval(next(iter(final_evals.values())))  # best_key's
         state.finished_at_step = state.step  # the schedule is complete: a rerun has nothing to do

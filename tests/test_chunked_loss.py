@@ -1,4 +1,4 @@
-"""The chunked LM head + cross-entropy (`distft.chunked_ce`, `nll_sum(..., chunk)`) gives
+"""The chunked LM head + cross-entropy (`distft.objectives.chunked_ce`, `nll_sum(..., chunk)`) gives
 the loss and gradients of the unchunked computation: the function alone (untied, tied,
 bias, soft-capping, frozen head), real tiny models of several families through
 `nll_sum`, the fallback for heads and models it does not take, and a real ZeRO-3 engine.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from distft.archs import FAMILIES
-from distft.chunked_ce import Epilogue, chunked_nll_sum
 from distft.data import IGNORE, collate
-from distft.objective import head_plan, nll_sum, output_head
+from distft.objectives import head_plan, nll_sum, output_head
+from distft.objectives.chunked_ce import Epilogue, chunked_nll_sum
 from distft.tolerance import Kind, assert_close
 from tests.test_engine_config import _run_child
 
@@ -219,7 +219,7 @@ import deepspeed, torch
 from deepspeed.utils import safe_get_full_grad
 from distft.config import from_dict
 from distft.engine import build_ds_config, create_engine
-from distft.objective import nll_sum
+from distft.objectives import nll_sum
 from tests.test_chunked_loss import batch, tiny
 
 deepspeed.init_distributed(dist_backend="gloo")

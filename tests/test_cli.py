@@ -35,12 +35,13 @@ def test_every_example_validates(path: Path, repo_tiny: None) -> None:
     assert first.startswith("# Run:") and ("distft train" in first or "make demo" in first)
     # The demo's fine-tunes start from the pre-trained tiny model (tiny_pretrain.yaml's
     # output, which `make demo` trains); where it was not trained, from its random-init base.
-    pretrained = REPO / ".cache" / "tiny_pretrain" / "final"
-    base = (
-        []
-        if pretrained.is_dir() or ".cache/tiny_pretrain/final" not in path.read_text()
-        else ["model.name_or_path=.cache/tiny/model"]
-    )
+    # DPO starts from the demo's fine-tune (runs/tiny_demo/final), likewise.
+    text = path.read_text()
+    base = [
+        "model.name_or_path=.cache/tiny/model"
+        for start in (".cache/tiny_pretrain/final", "runs/tiny_demo/final")
+        if start in text and not (REPO / start).is_dir()
+    ]
     proc = run_cli("validate", str(path.relative_to(REPO)), *base)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok: ")

@@ -27,7 +27,7 @@ from distft.data.packing import Units, best_fit_decreasing, length_groups
 from distft.data.prefetch import Prefetcher
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 from distft.dist import DistContext
-from distft.objective import nll_sum
+from distft.objectives import nll_sum
 from distft.tolerance import Kind, assert_close
 
 STRATEGIES = ("packed", "length_grouped", "padded")

@@ -128,7 +128,7 @@ def test_zero3_weight_decay_on_cuda(tiny: Any) -> None:
 
 def _gpu_step(model: Any, micro: list[Any]) -> tuple[float, torch.Tensor]:
     """The loop's objective for one optimizer step on CUDA: (1/T) * summed token NLLs."""
-    from distft.objective import nll_sum
+    from distft.objectives import nll_sum
 
     model.zero_grad(set_to_none=True)
     total = sum(b.n_targets for b in micro)

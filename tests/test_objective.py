@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distft.data import IGNORE, collate
-from distft.objective import nll_sum, output_head
+from distft.objectives import nll_sum, output_head
 from distft.tolerance import Kind, assert_close
 
 

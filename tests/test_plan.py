@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from distft.archs import FAMILIES
 from distft.assets import TinyAssets
 from distft.cli import app
-from distft.objective import output_head, rows_of
+from distft.objectives import output_head, rows_of
 from distft.plan.activations import activations, materialised_mask
 from distft.plan.shape import dims_of
 
@@ -31,6 +31,8 @@ MODELS = REPO / "tests" / "fixtures" / "plan_models"  # real config.json of the 
 EXAMPLE_MODELS = {
     "llama3_70b_full_zero3_32gpu.yaml": "llama3_70b",
     "llama3_8b_lora_1gpu.yaml": "llama3_8b",
+    "llama3_8b_dpo_lora_1gpu.yaml": "llama3_8b",
+    "llama3_70b_dpo_zero3_32gpu.yaml": "llama3_70b",
     "mistral_7b_full_zero2_8gpu.yaml": "mistral_7b",
     "qwen_7b_lora_zero3_offload.yaml": "qwen2_5_7b",
 }
@@ -95,7 +97,7 @@ def test_model_states_equal_what_deepspeed_allocates() -> None:
 
 def saved_bytes(family: str, seq: int, attention: str, checkpointing: bool) -> int:
     """Bytes of the distinct storages autograd saves for backward over one forward and
-    the loss (distft.objective's head-on-target-rows path), parameters excluded: the
+    the loss (distft.objectives.head: the head on target rows), parameters excluded: the
     activations a rank holds when backward starts."""
     config = FAMILIES[family]()
     config.vocab_size = 518

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from distft.config import ConfigError, from_dict
 from distft.data import IGNORE, Batch
 from distft.dist import DistContext
-from distft.objective import nll_sum, shifted_targets
+from distft.objectives import nll_sum, shifted_targets
 from distft.seqpar import shard
 from distft.tolerance import Kind, assert_close
 from tests.support import tiny_config

@@ -19,7 +19,7 @@ from distft.config import Config, from_dict
 from distft.data import DataError, Split, TrainBatches, collate_rows
 from distft.data.loader import Batch, has_short_windows
 from distft.dist import DistContext
-from distft.objective import nll_sum
+from distft.objectives import nll_sum
 from distft.tolerance import Kind, assert_close, within
 
 WINDOW = 16

@@ -19,6 +19,7 @@ from pydantic import (
 from distft.config.base import _Section
 from distft.config.checks import adapter_problems, sequence_parallel_problems
 from distft.config.data import DataConfig
+from distft.config.objective import ObjectiveConfig, objective_problems
 
 
 class Precision(str, Enum):
@@ -62,7 +63,8 @@ class ModelConfig(_Section):
         1024,
         ge=0,
         description="Target tokens per chunk of the LM head + cross-entropy, recomputed in "
-        "backward (peak loss memory O(chunk x vocab)); null or 0: the whole head at once.",
+        "backward (peak loss memory O(chunk x vocab)); null or 0: the whole head at once. "
+        "SFT only: preference objectives run the head on the response rows at once.",
     )
 
     @field_validator("add_special_tokens")
@@ -320,6 +322,7 @@ class Config(_Section):
     model: ModelConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -360,6 +363,7 @@ class Config(_Section):
                 "model.add_special_tokens to train new tokens' rows alone"
             )
         problems += adapter_problems(self)
+        problems += objective_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -2,15 +2,10 @@
 masking) -> cached arrays -> splits (mixing, val split) -> per-rank batches (padded,
 packed or length-grouped; resumable order) and statistics."""
 
+from distft.data.batch import Batch, collate_rows
 from distft.data.formats import Completion, Conversation, Pair, Sample, Text, Tokens
-from distft.data.loader import (
-    Batch,
-    TrainBatches,
-    collate,
-    collate_rows,
-    eval_batches,
-    step_layout,
-)
+from distft.data.loader import TrainBatches, collate, eval_batches, step_layout
+from distft.data.pairs import PairSplit
 from distft.data.pipeline import DataSplits, check_records, prepare, read_conversations
 from distft.data.records import DataError
 from distft.data.stats import describe
@@ -26,6 +21,7 @@ __all__ = [
     "DataSplits",
     "Pair",
     "Sample",
+    "PairSplit",
     "Split",
     "Text",
     "Tokens",

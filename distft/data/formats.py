@@ -6,7 +6,7 @@
 - `Completion`: `prompt_completion` (`prompt`, `completion`; trained on the completion);
 - `Text`: `text` (continued pre-training: every token is trained);
 - `Tokens`: `tokenized` (`input_ids`, optional `labels`);
-- `Pair`: `preference` (`chosen` and `rejected`, TRL's forms; see `distft.data.pairs`):
+- `Pair`: `preference` (`chosen` and `rejected`, TRL's forms; see `distft.data.preference`):
   two sides, each a `Completion` or a `Conversation`, sharing one prompt.
 
 A conversation has an optional first system message, then user and assistant turns in
@@ -233,7 +233,7 @@ def to_sample(record: Any, source: str, fmt: str, fields: dict[str, str] | None)
             raise ValueError(f"field '{f('text')}' is empty")
         return Text(source, text)
     if fmt == "preference":
-        from distft.data.pairs import to_pair  # it builds on this module's parts
+        from distft.data.preference import to_pair  # it builds on this module's parts
 
         return to_pair(record, source, f)
     if fmt == "tokenized":

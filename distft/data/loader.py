@@ -34,7 +34,6 @@ batches of different sizes weigh exactly their target tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -42,14 +41,14 @@ import numpy as np
 import torch
 
 from distft.config import Config, ModelConfig
+from distft.data.batch import Batch, Row, collate_rows
 from distft.data.packing import Units, best_fit_decreasing, length_groups, tie_shuffle
+from distft.data.pairs import PairSplit, filler_pair
 from distft.data.records import DataError
 from distft.data.store import Split
 from distft.data.tokenize import IGNORE
 from distft.dist import DistContext
 from distft.flops import layer_windows
-
-Row = list[tuple[np.ndarray, np.ndarray]]  # the (ids, labels) samples of one row
 
 
 @dataclass(frozen=True)
@@ -61,126 +60,6 @@ class StepTotals:
     tokens: int
     squared_lengths: int
     lengths: tuple[int, ...] | None = None
-
-
-MASKS = {"sdpa": "bool", "eager": "additive"}  # the 4-D mask each attention takes
-
-
-@dataclass(frozen=True)
-class Batch:
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    # None: one sample per row, right-padded (SDPA's fast causal path), or packed rows
-    # whose mask is not built yet (`mask`); 4-D: the block-diagonal causal mask of packed
-    # rows.
-    attention_mask: torch.Tensor | None
-    position_ids: torch.Tensor | None = None  # packed rows: restart at 0 per sample
-    n_tokens: int = 0  # real (non-pad) tokens
-    # A slice of longer sequences (distft.seqpar): the token each position predicts, taken
-    # from the whole sequence before it was split (a slice's last position predicts the
-    # next slice's first token). None: the labels moved one left.
-    shift_labels: torch.Tensor | None = None
-    # Packed rows that need a 4-D mask ("bool" for SDPA, "additive" for eager): built from
-    # the position ids where the batch runs (`to`, `model_inputs`), never on the host first.
-    mask: str | None = None
-
-    @property
-    def n_targets(self) -> int:
-        """Tokens that contribute to the loss (labels are shifted by one)."""
-        if self.shift_labels is not None:
-            return int((self.shift_labels != IGNORE).sum())
-        return int((self.labels[:, 1:] != IGNORE).sum())
-
-    def model_inputs(self) -> dict[str, torch.Tensor | bool]:
-        out: dict[str, torch.Tensor | bool] = {"input_ids": self.input_ids}
-        attention_mask = self._built_mask()
-        if attention_mask is not None:
-            out["attention_mask"] = attention_mask
-        if self.position_ids is not None:
-            out["position_ids"] = self.position_ids
-            # No cache: transformers finds packed samples in the position ids only without
-            # one (masking_utils._preprocess_mask_arguments), and training needs none.
-            out["use_cache"] = False
-        return out
-
-    def _built_mask(self) -> torch.Tensor | None:
-        if self.attention_mask is not None or self.mask is None or self.position_ids is None:
-            return self.attention_mask
-        return block_causal_mask(self.position_ids, additive=self.mask == "additive")
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        """On `device`, with a packed batch's mask built there. `non_blocking` from pinned
-        memory (`pin_memory`) lets the copy overlap the GPU's work."""
-        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
-        return replace(moved, attention_mask=moved._built_mask())
-
-    def pin_memory(self) -> Batch:
-        """In page-locked host memory, for a non-blocking copy to the GPU."""
-        return self._map(torch.Tensor.pin_memory)
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        def each(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else fn(t)
-
-        return Batch(
-            fn(self.input_ids),
-            fn(self.labels),
-            each(self.attention_mask),
-            each(self.position_ids),
-            self.n_tokens,
-            each(self.shift_labels),
-            self.mask,
-        )
-
-
-def block_causal_mask(position_ids: torch.Tensor, additive: bool = False) -> torch.Tensor:
-    """The 4-D (rows, 1, w, w) mask of packed rows, on `position_ids`' device: a token sees
-    the tokens of its own sample up to itself. Samples (and a row's padding) start where
-    the positions restart at 0. Bool for SDPA (True: attend); `additive` for eager: 0 where
-    attended, float32's minimum elsewhere (added to the scores)."""
-    segment = torch.cumsum(position_ids == 0, dim=1)
-    width = position_ids.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril_()
-    block = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
-    if not additive:
-        return block
-    scores = torch.zeros(block.shape, dtype=torch.float32, device=block.device)
-    return scores.masked_fill_(~block, torch.finfo(torch.float32).min)
-
-
-def collate_rows(rows: list[Row], pad_id: int, attn: str = "sdpa", windowed: bool = False) -> Batch:
-    """Right-pad rows to the longest; a row of several samples is packed (isolated). With
-    `windowed` (a model with sliding windows) packed rows carry position ids and no mask,
-    and transformers builds each layer's mask from them."""
-    packed = any(len(r) > 1 for r in rows)
-    if packed and attn == "flash_attention_2":
-        rows = [[s for r in rows for s in r]]  # one row: varlen kernel from position ids
-    lengths = [sum(len(ids) for ids, _ in r) for r in rows]
-    n, width = len(rows), max(lengths)
-    ids = np.full((n, width), pad_id, dtype=np.int64)
-    labels = np.full((n, width), IGNORE, dtype=np.int64)
-    pos = np.zeros((n, width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        at = 0
-        for s_ids, s_labels in row:
-            m = len(s_ids)
-            ids[i, at : at + m], labels[i, at : at + m] = s_ids, s_labels
-            labels[i, at] = IGNORE  # never predicted from the previous sample's last token
-            pos[i, at : at + m] = np.arange(m)
-            at += m
-        pos[i, at:] = np.arange(width - at)  # padding: its own block (positions restart)
-    real = sum(lengths)
-    out_ids, out_labels = torch.from_numpy(ids), torch.from_numpy(labels)
-    if not packed:
-        # Right padding needs no mask: under causal attention no real token looks at the
-        # pads after it, and pads carry no labels. Loss and gradients are exact, and SDPA
-        # keeps its fast mask-free causal path.
-        return Batch(out_ids, out_labels, None, None, real)
-    position_ids = torch.from_numpy(pos)
-    if attn == "flash_attention_2" or windowed:
-        return Batch(out_ids, out_labels, None, position_ids, real)
-    # eager attention adds the mask to the scores; SDPA takes booleans
-    return Batch(out_ids, out_labels, None, position_ids, real, mask=MASKS.get(attn, "bool"))
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> Batch:
@@ -225,7 +104,7 @@ class TrainBatches:
 
     def __init__(
         self,
-        split: Split,
+        split: Split | PairSplit,
         cfg: Config,
         dist: DistContext,
         pad_id: int,
@@ -243,9 +122,11 @@ class TrainBatches:
         self.per_micro = 1 if self.batching == "length_grouped" else micro
         self.per_rank = self.per_micro * self.accum
         self.global_batch = self.per_rank * dist.world_size  # units per optimizer step
-        lengths = split.lengths
+        lengths, per_unit = split.lengths, 1
+        if isinstance(split, PairSplit):  # a unit holds a pair: two sequences
+            lengths, per_unit = split.unit_lengths, split.rows_per_unit
         if self.batching == "packed":
-            self._bins = best_fit_decreasing(lengths, cfg.data.max_seq_len)
+            self._bins = best_fit_decreasing(split.lengths, per_unit * cfg.data.max_seq_len)
             n_units = len(self._bins)
         elif self.batching == "length_grouped":
             budget = micro * cfg.data.max_seq_len
@@ -273,6 +154,8 @@ class TrainBatches:
         if self.batching == "padded":
             return Units.singletons(np.arange(n) if rng is None else rng.permutation(n))
         lengths = self.split.lengths
+        if isinstance(self.split, PairSplit) and self.batching == "length_grouped":
+            lengths = self.split.unit_lengths
         if self.batching == "packed":
             units = self._bins.remap(tie_shuffle(lengths, rng))
         else:
@@ -309,12 +192,7 @@ class TrainBatches:
 
     def for_step(self, step: int) -> list[Batch]:
         return [
-            collate_rows(
-                [[self.split.sample(int(i)) for i in row] for row in rows],
-                self.pad_id,
-                self.attn,
-                self.windowed,
-            )
+            collate_units(self.split, rows, self.pad_id, self.attn, self.windowed)
             for rows in self.indices_for_step(step)
         ]
 
@@ -376,13 +254,49 @@ def has_short_windows(model: ModelConfig, max_seq_len: int) -> bool:
     return any(w is not None and w < max_seq_len for w in layer_windows(hf))
 
 
-def eval_batches(split: Split, micro: int, dist: DistContext, pad_id: int) -> list[Batch]:
+def collate_units(
+    split: Split | PairSplit, rows: list[np.ndarray], pad_id: int, attn: str, windowed: bool
+) -> Batch:
+    """One micro-batch from rows of unit indices (samples, or pairs: `distft.data.pairs`)."""
+    if not isinstance(split, PairSplit):
+        samples = [[split.sample(int(i)) for i in r] for r in rows]
+        return collate_rows(samples, pad_id, attn, windowed)
+    packed = any(len(r) > 1 for r in rows)
+    seq_rows, order = split.seq_rows(rows, packed)
+    batch = collate_rows(seq_rows, pad_id, attn, windowed, segments=True)
+    return replace(batch, ref_logps=split.ref_logps(order))
+
+
+def eval_batches(
+    split: Split | PairSplit, micro: int, dist: DistContext, pad_id: int
+) -> list[Batch]:
     """This rank's share of the eval split, longest first (little padding). Every rank gets
-    the same number of batches (ZeRO-3 forwards are collective); filler rows carry no
-    targets. The result (a token-weighted mean) does not depend on the order."""
+    the same number of batches (ZeRO-3 forwards are collective); filler rows (or pairs)
+    carry no targets. The result (a mean over targets or pairs) does not depend on the
+    order. `micro` counts samples, or pairs."""
     per_rank = -(-len(split) // dist.world_size)
     by_length = np.argsort(-split.lengths, kind="stable")
-    rows: list[Row] = [[split.sample(int(i))] for i in by_length[dist.rank :: dist.world_size]]
+    mine = [int(i) for i in by_length[dist.rank :: dist.world_size]]
+    if isinstance(split, PairSplit):
+        return _eval_pairs(split, mine, per_rank, micro, pad_id)
+    rows: list[Row] = [[split.sample(i)] for i in mine]
     filler_ids = split.sample(0)[0][:2]
     rows += [[(filler_ids, np.full(len(filler_ids), IGNORE))]] * (per_rank - len(rows))
     return [collate_rows(rows[i : i + micro], pad_id) for i in range(0, per_rank, micro)]
+
+
+def _eval_pairs(
+    split: PairSplit, mine: list[int], per_rank: int, micro: int, pad_id: int
+) -> list[Batch]:
+    out = []
+    for i in range(0, per_rank, micro):
+        pairs = mine[i : i + micro]
+        rows: list[Row] = [[s] for k in pairs for s in split.sides(k)]
+        fill = min(micro, per_rank - i) - len(pairs)
+        rows += [[s] for _ in range(fill) for s in filler_pair(split)]
+        batch = collate_rows(rows, pad_id, segments=True)
+        ref = split.ref_logps(pairs)
+        if ref is not None and fill:  # the fillers' sequences predict nothing
+            ref = torch.cat([ref, torch.zeros(2 * fill)])
+        out.append(replace(batch, ref_logps=ref))
+    return out

@@ -32,6 +32,7 @@ from distft.data.cache import (
     source_specs,
 )
 from distft.data.formats import ReadReport, Sample, parse
+from distft.data.pairs import PairSplit, pair_rows
 from distft.data.records import DataError, data_files, file_records
 from distft.data.store import Split
 from distft.data.templates import chat_template
@@ -41,12 +42,12 @@ from distft.dist import DistContext
 
 @dataclass
 class DataSplits:
-    train: Split
-    eval: Split | None  # the unnamed eval set (eval_files, eval_sources or val_fraction)
+    train: Split | PairSplit  # PairSplit: a preference objective's pairs
+    eval: Split | PairSplit | None  # the unnamed eval set (eval_files, eval_sources, val_fraction)
     metas: list[dict[str, Any]] = field(default_factory=list)  # train, eval, named sets
-    named: dict[str, Split] = field(default_factory=dict)  # data.eval_sets, config order
+    named: dict[str, Split | PairSplit] = field(default_factory=dict)  # data.eval_sets, in order
 
-    def eval_sets(self) -> dict[str, Split]:
+    def eval_sets(self) -> dict[str, Split | PairSplit]:
         """Every eval set by its metric key: `eval/loss` (the unnamed set) first, then
         `eval/<name>/loss`. The first is the one `checkpoint.keep_best` ranks by."""
         first = {"eval/loss": self.eval} if self.eval is not None else {}
@@ -92,28 +93,32 @@ def load(cfg: Config, tokenizer: Any) -> DataSplits:
     """Memory-map the cached sources and assemble the train and eval splits."""
     ctx = cache_context(cfg, tokenizer)
     trains, evals, metas = [], [], []
+    pairs = cfg.objective.preference  # units are pairs: rows 2k, 2k+1 (distft.data.pairs)
+    rows_of = pair_rows if pairs else (lambda units: units)
     for i, spec in enumerate(source_specs(cfg.data, "train")):
         arrays, meta = load_entry(spec, ctx)
         metas.append(meta)
-        rows = np.arange(len(arrays))
+        n = len(arrays) // 2 if pairs else len(arrays)
+        units = np.arange(n)
         rng = np.random.default_rng([cfg.seed, 1, i])
         if cfg.data.val_fraction:
-            n_val = max(1, round(cfg.data.val_fraction * len(arrays)))
-            if n_val >= len(arrays):
+            n_val = max(1, round(cfg.data.val_fraction * n))
+            if n_val >= n:
                 raise DataError(
-                    f"{spec.label}: {len(arrays)} samples are too few to hold out "
-                    f"data.val_fraction={cfg.data.val_fraction} for eval"
+                    f"{spec.label}: {n} {'pairs' if pairs else 'samples'} are too few to hold "
+                    f"out data.val_fraction={cfg.data.val_fraction} for eval"
                 )
-            held = np.zeros(len(arrays), dtype=bool)
-            held[rng.choice(len(arrays), size=n_val, replace=False)] = True
-            evals.append(Split([arrays]).select(rows[held]))
-            rows = rows[~held]
-        trains.append(Split([arrays]).select(rows[_weighted(len(rows), spec.weight, rng)]))
+            held = np.zeros(n, dtype=bool)
+            held[rng.choice(n, size=n_val, replace=False)] = True
+            evals.append(Split([arrays]).select(rows_of(units[held])))
+            units = units[~held]
+        picked = units[_weighted(len(units), spec.weight, rng)]
+        trains.append(Split([arrays]).select(rows_of(picked)))
     for spec in source_specs(cfg.data, "eval"):
         arrays, meta = load_entry(spec, ctx)
         metas.append(meta)
         evals.append(Split([arrays]))
-    named = {}
+    named: dict[str, Split] = {}
     for name, specs in eval_set_specs(cfg.data).items():
         parts = []
         for spec in specs:
@@ -121,7 +126,15 @@ def load(cfg: Config, tokenizer: Any) -> DataSplits:
             metas.append(meta)
             parts.append(Split([arrays]))
         named[name] = Split.concat(parts)
-    return DataSplits(Split.concat(trains), Split.concat(evals) if evals else None, metas, named)
+    train, evaluated = Split.concat(trains), Split.concat(evals) if evals else None
+    if not pairs:
+        return DataSplits(train, evaluated, metas, dict(named))
+    return DataSplits(
+        PairSplit(train),
+        None if evaluated is None else PairSplit(evaluated),
+        metas,
+        {name: PairSplit(split) for name, split in named.items()},
+    )
 
 
 def prepare(cfg: Config, tokenizer: Any, dist: DistContext) -> DataSplits:

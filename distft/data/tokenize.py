@@ -39,7 +39,7 @@ import numpy as np
 
 from distft.data import templates
 from distft.data.formats import Completion, Conversation, Pair, Sample, Text, Tokens
-from distft.data.pairs import reply_turns
+from distft.data.preference import reply_turns
 from distft.data.records import DataError
 from distft.data.templates import TemplateError, chat_template
 

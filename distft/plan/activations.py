@@ -12,9 +12,9 @@ of real tiny models in tests/test_plan.py), e = bytes of the compute dtype:
   routed tokens' copies (top_k x (2 e h + 3 e i_expert)) plus a shared expert's 3 e i.
 With gradient checkpointing each layer keeps only its input (e h) and backward recomputes
 one layer at a time, so the peak adds one layer's activations.
-The loss keeps the target rows only (distft.objective): their logits (e V), the fp32 copy
+The loss keeps the target rows only (distft.objectives.head): their logits (e V), the fp32 copy
 (4 V) and its log-softmax (4 V, held for backward). Chunked (`model.loss_chunk_size`,
-distft.chunked_ce), the gradients are computed in the forward and held until backward:
+distft.objectives.chunked_ce), the gradients are computed in the forward and held until backward:
 the head weight's (e V h, when the head trains) and the hidden rows' (e h per row); a
 chunk's logits (e V), their fp32 copy and softmax (2 x 4 V) exist one chunk at a time
 (measured on an H200: 2.24 GiB for 4096 rows, V 128,256, h 4096, chunk 1024, bf16;

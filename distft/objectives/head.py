@@ -1,25 +1,25 @@
-"""The training objective: summed next-token NLL over a batch's target tokens.
+"""The LM head on target rows only, and the chunked head + cross-entropy.
 
-Position i predicts token i+1, so the targets are the labels moved one left (the labels
-move, not the logits: no copy of the rows x length x vocab logits). Only positions with a
-target go through the output layer: a forward pre-hook on the model's output embeddings
-(`get_output_embeddings()`, the LM head of every Hugging Face causal LM) keeps the hidden
-states of those positions, so the head's matmul, the logits and the softmax are computed
-for the trained tokens alone. In SFT, prompts are often half the tokens; at a 128k
-vocabulary the logits of one 8k-token sequence are 4 GiB in fp32. Gradients are the same:
-the dropped positions contribute nothing to the loss.
+Position i predicts token i+1. Only positions with a target go through the output layer:
+a forward pre-hook on the model's output embeddings (`get_output_embeddings()`, the LM
+head of every Hugging Face causal LM) keeps the hidden states of those positions
+(`rows_of`), so the head's matmul, the logits and the softmax are computed for the trained
+tokens alone. In SFT, prompts are often half the tokens; at a 128k vocabulary the logits of
+one 8k-token sequence are 4 GiB in fp32. Gradients are the same: the dropped positions
+contribute nothing to the loss. Every objective (`distft.objectives`) computes through it.
 
 With `chunk` (the config's `model.loss_chunk_size`) the head's matmul and the
 cross-entropy run inside the head module's own forward call, `chunk` target rows at a time
-(`distft.chunked_ce`), so the (targets x vocab) logits never exist. Computing inside the
-head's call is what keeps ZeRO-3 right: DeepSpeed gathers the head's partitioned weight in
-its forward pre-hook and releases it in its forward hook; the chunked forward computes the
-head's gradients while the weight is there (its backward needs no weight). Whether a
-model can take this path is decided once per head (`head_plan`): the head must be a plain
-`nn.Linear` (a frozen one under LoRA too; peft wrappers of the head keep the old path),
-and a no-grad probe forward (of the first batch) must show that what the model returns as
-logits is exactly what the head returned once the epilogues we reproduce (softcapping,
-logit scales) are switched off in the model; any other post-processing keeps the old path.
+(`distft.objectives.chunked_ce`), so the (targets x vocab) logits never exist. Computing
+inside the head's call is what keeps ZeRO-3 right: DeepSpeed gathers the head's partitioned
+weight in its forward pre-hook and releases it in its forward hook; the chunked forward
+computes the head's gradients while the weight is there (its backward needs no weight).
+Whether a model can take this path is decided once per head (`head_plan`): the head must
+be a plain `nn.Linear` (a frozen one under LoRA too; peft wrappers of the head keep the old
+path), and a no-grad probe forward (of the first batch) must show that what the model
+returns as logits is exactly what the head returned once the epilogues we reproduce
+(softcapping, logit scales) are switched off in the model; any other post-processing keeps
+the old path.
 """
 
 from __future__ import annotations
@@ -30,15 +30,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from distft.chunked_ce import Epilogue, chunked_nll_sum
-from distft.data import IGNORE, Batch
-
-
-def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """The token each position predicts (IGNORE where none is trained)."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+from distft.data import Batch
+from distft.objectives.chunked_ce import Epilogue
 
 
 def output_head(model: Any) -> torch.nn.Module | None:
@@ -114,7 +108,7 @@ def _epilogue(model: Any) -> tuple[Epilogue, tuple[tuple[Any, str, Any], ...]]:
 
 
 @contextmanager
-def _head_computes(plan: HeadPlan, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def head_computes(plan: HeadPlan, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """While active, the head's forward is `fn` (hooks, DeepSpeed's included, still run)
     and the model's own epilogue is off."""
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in plan.neutral]
@@ -144,34 +138,10 @@ def head_plan(model: Any, head: torch.nn.Module, batch: Batch) -> HeadPlan | Non
         inputs = batch.model_inputs()
         sentinel = torch.full((), _PROBE, device=batch.input_ids.device)
         devices = [batch.input_ids.device] if batch.input_ids.is_cuda else []
-        probe = _head_computes(plan, lambda _hidden: sentinel)
+        probe = head_computes(plan, lambda _hidden: sentinel)
         with torch.random.fork_rng(devices=devices), torch.no_grad(), probe:
             logits = model(**inputs).logits
         if not (logits.dim() == 0 and logits.item() == _PROBE):  # exact: nothing computed
             plan = None
     head.__dict__[_PLAN_ATTR] = plan  # not a module attribute: no state dict entry
     return plan
-
-
-def nll_sum(model: Any, batch: Batch, chunk: int | None = None) -> torch.Tensor:
-    """Summed NLL of the batch's target tokens (a scalar that back-propagates). `chunk`:
-    target rows per chunk of the head + cross-entropy (None/0: the whole head at once)."""
-    targets = shifted_targets(batch.labels) if batch.shift_labels is None else batch.shift_labels
-    keep = targets != IGNORE
-    head = output_head(model)
-    plan = head_plan(model, head, batch) if chunk and head is not None else None
-    if plan is not None and chunk:
-        rows, size, epilogue, linear = targets[keep], chunk, plan.epilogue, plan.linear
-
-        def loss(hidden: torch.Tensor) -> torch.Tensor:
-            return chunked_nll_sum(hidden, linear.weight, linear.bias, rows, size, epilogue)
-
-        with rows_of(head, keep), _head_computes(plan, loss):
-            out: torch.Tensor = model(**batch.model_inputs()).logits  # the loss
-        return out
-    with rows_of(head, keep) as selected:
-        logits = model(**batch.model_inputs()).logits  # ids, mask, position ids (packed)
-    if not selected:  # no head to hook: every position's logits came back
-        logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
