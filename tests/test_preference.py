@@ -6,6 +6,7 @@ batching: a pair's two sides always share a micro-batch, for every strategy."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,3 +183,34 @@ def test_a_pairs_sides_share_a_micro_batch(batching: str) -> None:
     assert len(seen) == len(set(seen)) > 0  # each pair at most once per epoch
     for step, n in per_step.items():  # the loss normaliser: the step's pairs over all ranks
         assert batches.step_totals(step).targets == n
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_pairs_and_objective_must_agree(method: str, tiny: Any, tmp_path: Path) -> None:
+    """`data.format: auto` reads a file of pairs as pairs: an SFT run on it (or a DPO run on
+    single samples) is refused with the source named, not trained on both sides."""
+    from transformers import AutoTokenizer
+
+    from distft.data import DataError
+    from distft.data.pipeline import build, load
+
+    data = tiny.pref_train_file if method == "sft" else tiny.train_file
+    cfg = from_dict(
+        {
+            "model": {"name_or_path": str(tiny.model_dir)},
+            "data": {"train_files": [str(data)], "max_samples": 16,
+                     "cache_dir": str(tmp_path / "cache")},
+            "checkpoint": {"output_dir": str(tmp_path / "out")},
+            "objective": {"method": method},
+        }
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model_dir)
+    build(cfg, tokenizer)
+    with pytest.raises(DataError) as e:
+        load(cfg, tokenizer)
+    want = (
+        "holds preference pairs; set objective.method"
+        if method == "sft"
+        else ("holds no preference pairs, which objective.method dpo trains on")
+    )
+    assert str(data) in str(e.value) and want in str(e.value), e.value

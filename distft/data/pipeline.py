@@ -23,6 +23,7 @@ from distft.config import Config
 from distft.data.cache import (
     BuildResult,
     CacheContext,
+    SourceSpec,
     all_specs,
     build_entry,
     cache_root,
@@ -34,7 +35,7 @@ from distft.data.cache import (
 from distft.data.formats import ReadReport, Sample, parse
 from distft.data.pairs import PairSplit, pair_rows
 from distft.data.records import DataError, data_files, file_records
-from distft.data.store import Split
+from distft.data.store import Split, TokenArrays
 from distft.data.templates import chat_template
 from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
 from distft.dist import DistContext
@@ -89,6 +90,22 @@ def _weighted(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([np.tile(np.arange(n), whole), extra]).astype(np.int64)
 
 
+def _entry(spec: SourceSpec, ctx: CacheContext, method: str) -> tuple[TokenArrays, dict]:
+    """A cached source, which must hold pairs exactly when the objective trains on them
+    (`data.format: auto` reads a file of pairs as pairs, whatever the objective)."""
+    arrays, meta = load_entry(spec, ctx)
+    if meta.get("pairs") and method == "sft":
+        raise DataError(
+            f"{spec.label}: holds preference pairs; set objective.method (dpo, simpo or orpo)"
+        )
+    if not meta.get("pairs") and method != "sft":
+        raise DataError(
+            f"{spec.label}: holds no preference pairs, which objective.method {method} "
+            "trains on (data.format: preference)"
+        )
+    return arrays, meta
+
+
 def load(cfg: Config, tokenizer: Any) -> DataSplits:
     """Memory-map the cached sources and assemble the train and eval splits."""
     ctx = cache_context(cfg, tokenizer)
@@ -96,7 +113,7 @@ def load(cfg: Config, tokenizer: Any) -> DataSplits:
     pairs = cfg.objective.preference  # units are pairs: rows 2k, 2k+1 (distft.data.pairs)
     rows_of = pair_rows if pairs else (lambda units: units)
     for i, spec in enumerate(source_specs(cfg.data, "train")):
-        arrays, meta = load_entry(spec, ctx)
+        arrays, meta = _entry(spec, ctx, cfg.objective.method)
         metas.append(meta)
         n = len(arrays) // 2 if pairs else len(arrays)
         units = np.arange(n)
@@ -115,14 +132,14 @@ def load(cfg: Config, tokenizer: Any) -> DataSplits:
         picked = units[_weighted(len(units), spec.weight, rng)]
         trains.append(Split([arrays]).select(rows_of(picked)))
     for spec in source_specs(cfg.data, "eval"):
-        arrays, meta = load_entry(spec, ctx)
+        arrays, meta = _entry(spec, ctx, cfg.objective.method)
         metas.append(meta)
         evals.append(Split([arrays]))
     named: dict[str, Split] = {}
     for name, specs in eval_set_specs(cfg.data).items():
         parts = []
         for spec in specs:
-            arrays, meta = load_entry(spec, ctx)
+            arrays, meta = _entry(spec, ctx, cfg.objective.method)
             metas.append(meta)
             parts.append(Split([arrays]))
         named[name] = Split.concat(parts)
