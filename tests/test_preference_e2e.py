@@ -15,6 +15,7 @@ does not).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,11 @@ def test_dpo_trains_with_the_precomputed_reference(full_runs: dict[str, Any]) ->
     assert [r["step"] for r in evals] == [0, STEPS]
     assert abs(evals[0]["eval/pref/loss"] - math.log(2)) < 1e-4
     assert evals[1]["eval/pref/loss"] < evals[0]["eval/pref/loss"]
-    assert "eval pref rewards/accuracy 0.0000 -> " in proc.stdout, proc.stdout[-2000:]
+    # before training every reward is 0 up to rounding (another batch layout than the
+    # reference pass's may flip a few strict comparisons)
+    before = re.search(r"eval pref rewards/accuracy ([0-9.]+) -> ([0-9.]+)", proc.stdout)
+    assert before and float(before.group(1)) < 0.2, proc.stdout[-2000:]
+    assert "data: train 64 pairs" in proc.stdout
     assert (out / "final" / "model.safetensors").is_file()
 
 

@@ -7,13 +7,17 @@ from typing import Any
 import numpy as np
 
 from distft.data.loader import TrainBatches
+from distft.data.pairs import PairSplit
 from distft.data.pipeline import DataSplits
 
 
 def describe(splits: DataSplits, batches: TrainBatches) -> tuple[dict[str, float], list[str]]:
     """(metrics for the logger, lines for the log)."""
     train, lengths = splits.train, splits.train.lengths
-    tokens, targets = int(lengths.sum()), int(splits.train.targets.sum())
+    pairs = isinstance(train, PairSplit)  # a unit is a pair; its targets: its reply tokens
+    targets_of = train.target_tokens if isinstance(train, PairSplit) else train.targets
+    tokens, targets = int(lengths.sum()), int(targets_of.sum())
+    unit = "pairs" if pairs else "samples"
     real, cells = batches.tensor_tokens(0)
     counts = {k: sum(int(m[k]) for m in splits.metas) for k in ("skipped", "truncated", "dropped")}
     q = np.percentile(lengths, [50, 90]) if len(lengths) else np.zeros(2)
@@ -32,8 +36,8 @@ def describe(splits: DataSplits, batches: TrainBatches) -> tuple[dict[str, float
         **{f"data/{k}": v for k, v in counts.items()},
     }
     lines = [
-        f"data: train {len(train):,} samples, {tokens:,} tokens, {targets:,} trained "
-        f"({100 * targets / max(tokens, 1):.1f}%); eval {metrics['data/eval_samples']:,} samples"
+        f"data: train {len(train):,} {unit}, {tokens:,} tokens, {targets:,} trained "
+        f"({100 * targets / max(tokens, 1):.1f}%); eval {metrics['data/eval_samples']:,} {unit}"
         + "".join(f", {n} {len(s):,}" for n, s in splits.named.items()),
         f"data: lengths min {metrics['data/len_min']} / median {q[0]:.0f} / p90 {q[1]:.0f} / "
         f"max {metrics['data/len_max']}; skipped {counts['skipped']}, truncated "
