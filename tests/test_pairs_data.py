@@ -338,12 +338,13 @@ def test_cache_stores_pairs_as_row_pairs(tok: Any, tmp_path: Path) -> None:
 
 
 def test_preprocess_builds_a_preference_source(validate_config: Any, tmp_path: Path) -> None:
-    data = write(tmp_path / "pre.jsonl", pair_records(8))
-    proc = run_cli("preprocess", str(validate_config(data)), "data.batching=padded")
+    data = write(tmp_path / "pre.jsonl", pair_records(16))  # a global batch: 16 pairs
+    dpo = "objective.method=dpo"  # an SFT run refuses a source of pairs (test_preference)
+    proc = run_cli("preprocess", str(validate_config(data)), "data.batching=padded", dpo)
     assert proc.returncode == 0, proc.stderr
-    assert "16 samples (8 preference pairs)" in proc.stdout + proc.stderr
+    assert "32 samples (16 preference pairs)" in proc.stdout + proc.stderr
     write(data, [*pair_records(3), BAD_PAIRS["identical"][0]])
-    proc = run_cli("preprocess", str(validate_config(data)), "data.batching=padded")
+    proc = run_cli("preprocess", str(validate_config(data)), "data.batching=padded", dpo)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {data}:4: 'chosen' and 'rejected' are identical: nothing to prefer"

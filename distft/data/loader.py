@@ -139,8 +139,9 @@ class TrainBatches:
         if self.steps_per_epoch == 0:
             what = {"packed": "packs", "length_grouped": "micro-batches"}.get(self.batching)
             made = f" ({n_units} {what})" if what else ""
+            unit = "pairs" if isinstance(split, PairSplit) else "samples"
             raise DataError(
-                f"{len(split)} training samples{made} are fewer than one global batch "
+                f"{len(split)} training {unit}{made} are fewer than one global batch "
                 f"({self.per_micro} micro x {self.accum} accum x {dist.world_size} workers)"
             )
         self.total_steps = cfg.batch.max_steps or self.steps_per_epoch * cfg.batch.epochs
