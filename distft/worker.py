@@ -59,7 +59,7 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     engine = create_engine(model, cfg, ds_config, batches.total_steps, mpu)
     laps.append(("deepspeed", time.perf_counter()))
     # before the restore: DPO's precomputed reference is the starting weights
-    objective = objective_for(cfg, engine, data, dist, ds_config)
+    objective = objective_for(cfg, engine, data, dist, ds_config, tokenizer.pad_token_id)
     evals = {  # by metric key; the first is the one keep_best ranks by
         key: seqpar.eval_set(split, cfg, dist, tokenizer.pad_token_id)
         for key, split in data.eval_sets().items()

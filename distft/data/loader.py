@@ -125,6 +125,7 @@ class TrainBatches:
         lengths, per_unit = split.lengths, 1
         if isinstance(split, PairSplit):  # a unit holds a pair: two sequences
             lengths, per_unit = split.unit_lengths, split.rows_per_unit
+        self._group_lengths = lengths  # what length groups sort and budget by
         if self.batching == "packed":
             self._bins = best_fit_decreasing(split.lengths, per_unit * cfg.data.max_seq_len)
             n_units = len(self._bins)
@@ -155,13 +156,11 @@ class TrainBatches:
         if self.batching == "padded":
             return Units.singletons(np.arange(n) if rng is None else rng.permutation(n))
         lengths = self.split.lengths
-        if isinstance(self.split, PairSplit) and self.batching == "length_grouped":
-            lengths = self.split.unit_lengths
         if self.batching == "packed":
             units = self._bins.remap(tie_shuffle(lengths, rng))
         else:
             key = np.arange(n) if rng is None else rng.random(n)
-            units = Units(np.lexsort((key, lengths)), self._bounds)
+            units = Units(np.lexsort((key, self._group_lengths)), self._bounds)
         return units if rng is None else units.reorder(rng.permutation(len(units)))
 
     def epoch_of(self, step: int) -> int:

@@ -60,9 +60,6 @@ class PairSplit:
     def select(self, pairs: np.ndarray) -> PairSplit:
         return PairSplit(self.rows.select(pair_rows(pairs)), self.reference)
 
-    def with_reference(self, reference: dict[int, np.ndarray]) -> PairSplit:
-        return PairSplit(self.rows, reference)
-
     def ref_logps(self, pairs: list[int]) -> torch.Tensor | None:
         """The reference's summed log-probs of the pairs' sides, (chosen, rejected, ...)."""
         if self.reference is None:

@@ -91,7 +91,7 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 
 def _pass(
-    engine: Any, part: TokenArrays, out: Path, cfg: Config, dist: DistContext, lora: bool
+    engine: Any, part: TokenArrays, out: Path, cfg: Config, dist: DistContext, pad_id: int
 ) -> np.ndarray:
     """The summed response log-probs of every row of `part` (one pair per two rows)."""
     pairs = PairSplit(Split([part]))
@@ -109,8 +109,8 @@ def _pass(
         mine = np.arange(len(ids))[np.argsort(-view.lengths, kind="stable")][
             dist.rank :: dist.world_size
         ]
-        with _frozen_view(engine, lora):
-            for k, batch in enumerate(eval_batches(view, micro, dist, engine_pad(engine))):
+        with _frozen_view(engine, cfg.lora.enabled):
+            for k, batch in enumerate(eval_batches(view, micro, dist, pad_id)):
                 sums, _ = sequence_logps(engine, batch.to(dist.device))
                 got = mine[k * micro : (k + 1) * micro]
                 for j, p in enumerate(got.tolist()):
@@ -126,14 +126,7 @@ def _pass(
     return result.astype(np.float32)
 
 
-def engine_pad(engine: Any) -> int:
-    """Padding id for the pass's rows: any id (the positions are never predicted)."""
-    config = getattr(getattr(engine, "module", engine), "config", None)
-    pad = getattr(config, "pad_token_id", None)
-    return int(pad) if isinstance(pad, int) else 0
-
-
-def precompute(engine: Any, data: DataSplits, cfg: Config, dist: DistContext) -> None:
+def precompute(engine: Any, data: DataSplits, cfg: Config, dist: DistContext, pad_id: int) -> None:
     """Attach the reference's log-probs of every pair to the splits (computed now, or
     loaded from the cache). Call before a checkpoint is restored into `engine`."""
     splits: list[PairSplit] = [s for s in (data.train, *data.eval_sets().values())]  # type: ignore[misc]
@@ -146,7 +139,7 @@ def precompute(engine: Any, data: DataSplits, cfg: Config, dist: DistContext) ->
             dist.log(f"reference log-probs: cached ({out.name}, {len(part) // 2:,} pairs)")
         else:
             dist.log(f"reference log-probs: computing {len(part) // 2:,} pairs ({out.name})")
-            values = _pass(engine, part, out, cfg, dist, cfg.lora.enabled)
+            values = _pass(engine, part, out, cfg, dist, pad_id)
             if dist.local_rank == 0:
                 _atomic_save(final, values)
             dist.barrier()
@@ -196,16 +189,22 @@ def _frozen_copy(cfg: Config, ds_config: dict[str, Any], device: torch.device) -
 
 
 def objective_for(
-    cfg: Config, engine: Any, data: DataSplits, dist: DistContext, ds_config: dict[str, Any]
+    cfg: Config,
+    engine: Any,
+    data: DataSplits,
+    dist: DistContext,
+    ds_config: dict[str, Any],
+    pad_id: int,
 ) -> Objective:
     """The run's objective. For `dpo`, its reference: precomputed now (attached to `data`'s
-    splits; call before a checkpoint is restored) or resident."""
+    splits, in the eval batches' layout, padded with `pad_id`; call before a checkpoint is
+    restored) or resident."""
     method = cfg.objective
     if not method.preference:
         return Sft(cfg.model.loss_chunk_size)
     if method.method != "dpo":
         return Preference(method)
     if method.dpo.reference == "precomputed":
-        precompute(engine, data, cfg, dist)
+        precompute(engine, data, cfg, dist, pad_id)
         return Preference(method)
     return Preference(method, resident(cfg, ds_config, dist.device))
