@@ -71,6 +71,11 @@ def find_model(path: Path) -> ModelSource:
                 f"export a checkpoint with `distft export {path} --out DIR` and chat with DIR"
             )
         path = final
+    if _is_reward_model(path):
+        raise UserError(
+            f"{path}: a reward model (a sequence classifier) scores text, it does not "
+            "generate; load it with AutoModelForSequenceClassification"
+        )
     if (path / ADAPTER_CONFIG).is_file():
         return ModelSource(path, _adapter_base(path / ADAPTER_CONFIG))
     weights = any(any(path.glob(p)) for p in _WEIGHT_PATTERNS)
@@ -79,6 +84,19 @@ def find_model(path: Path) -> ModelSource:
     raise UserError(
         f"{path}: no model in it (neither config.json with weights nor {ADAPTER_CONFIG})"
     )
+
+
+def _is_reward_model(path: Path) -> bool:
+    """An export of `objective.method: reward` (`distft.objectives.reward`)."""
+    try:
+        if (path / ADAPTER_CONFIG).is_file():
+            return json.loads((path / ADAPTER_CONFIG).read_text()).get("task_type") == "SEQ_CLS"
+        if (path / "config.json").is_file():
+            names = json.loads((path / "config.json").read_text()).get("architectures") or []
+            return any(str(a).endswith("ForSequenceClassification") for a in names)
+    except (OSError, ValueError, AttributeError):
+        return False  # reported by what reads it next
+    return False
 
 
 def _adapter_base(config: Path) -> str:
@@ -96,8 +114,12 @@ def _adapter_base(config: Path) -> str:
 
 def load(source: ModelSource, device: str) -> tuple[Any, Any]:
     """(model in eval mode on `device`, tokenizer) with plain transformers/peft."""
+    import logging
     import warnings
 
+    # peft imports bitsandbytes when it is installed; on CPUs with AVX512-BF16 it warns that
+    # its optional hub kernel package is missing (nothing is downloaded here)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

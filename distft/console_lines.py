@@ -94,15 +94,29 @@ def load_snippet(final: Path) -> list[str]:
     """Three lines of Python that load the final model or LoRA adapter with plain
     transformers / peft (the tokenizer is saved beside it)."""
     path = json.dumps(str(final))
-    if (final / "adapter_config.json").is_file():
+    adapter = final / "adapter_config.json"
+    if adapter.is_file():
+        if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":  # a reward model
+            return [
+                "from peft import AutoPeftModelForSequenceClassification as Auto; "
+                "from transformers import AutoTokenizer",
+                f"tokenizer = AutoTokenizer.from_pretrained({path})",
+                f"model = Auto.from_pretrained({path}, num_labels=1, "
+                "pad_token_id=tokenizer.pad_token_id)  # base + adapter; logits: the reward",
+            ]
         return [
             "from peft import AutoPeftModelForCausalLM; from transformers import AutoTokenizer",
             f"model = AutoPeftModelForCausalLM.from_pretrained({path})  # base + adapter",
             f"tokenizer = AutoTokenizer.from_pretrained({path})",
         ]
+    config = (
+        json.loads((final / "config.json").read_text()) if (final / "config.json").is_file() else {}
+    )
+    reward = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    cls = "AutoModelForSequenceClassification" if reward else "AutoModelForCausalLM"
     return [
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained({path})",
+        f"from transformers import {cls}, AutoTokenizer",
+        f"model = {cls}.from_pretrained({path})" + ("  # logits: the reward" if reward else ""),
         f"tokenizer = AutoTokenizer.from_pretrained({path})",
     ]
 

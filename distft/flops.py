@@ -185,11 +185,12 @@ def count_weights(model: Any, config: Any) -> tuple[float, int]:
     """(matmul weights a token multiplies, LM head weights) of `model` (see the docstring)."""
     config = text_config(config)
     head_module = model.get_output_embeddings()
-    if head_module is None:
-        raise ValueError("the model has no output embeddings: cannot count FLOPs")
-    head_weight = head_module.weight
     skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    skip.add(id(head_weight))
+    # a sequence classifier (a reward model) has no LM head: its d x labels head runs at
+    # every position and is counted with the body
+    head_weight = None if head_module is None else head_module.weight
+    if head_weight is not None:
+        skip.add(id(head_weight))
     top_k = _get(config, "num_experts_per_tok", "moe_top_k", "top_k")
     total = 0.0
     for name, p in model.named_parameters():
@@ -207,7 +208,7 @@ def count_weights(model: Any, config: Any) -> tuple[float, int]:
             total += p.numel() * top_k / n_experts
         elif p.dim() == 3:  # fused [experts, out, in]; a fused 2-D tensor is a bias
             total += p.numel() * top_k / p.shape[0]
-    head = head_weight.numel()
+    head = 0 if head_weight is None else head_weight.numel()
     return total + head, head
 
 

@@ -130,7 +130,8 @@ def with_lora(model: Any, cfg: Config) -> torch.nn.Module:
     ids = vocab.token_ids(cfg, vocab.load_tokenizer(cfg)) if cfg.model.add_special_tokens else []
     tokens = vocab.trainable_tokens(model, cfg, ids)
     peft_cfg = LoraConfig(
-        task_type="CAUSAL_LM",
+        # a reward model: peft trains its `score` head whole (modules to save), no adapter
+        task_type="SEQ_CLS" if cfg.objective.method == "reward" else "CAUSAL_LM",
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r: floats work
         lora_dropout=lora.dropout,

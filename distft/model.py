@@ -56,7 +56,8 @@ def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str
         check_model_config(Path(cfg.model.name_or_path), cfg.model.trust_remote_code)
     try:
         config = hf_config(cfg, local_only)
-        model = on_meta(config, trust_remote_code=cfg.model.trust_remote_code)
+        check_task(cfg, config)
+        model = on_meta(config, auto=auto_class(cfg), trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:  # not cached (validate), not reachable, unknown type
         if local_only and not Path(cfg.model.name_or_path).exists():
             return None, [
@@ -93,22 +94,51 @@ def _check_model(cfg: Config, local_only: bool) -> tuple[Config | None, list[str
 
 
 def hf_config(cfg: Config, local_only: bool = False) -> Any:
-    """The base model's transformers config (`local_only`: never download it)."""
+    """The base model's transformers config (`local_only`: never download it); for a
+    reward model (`objective.method: reward`) with one output, the reward."""
     from transformers import AutoConfig
 
     m = cfg.model
-    return AutoConfig.from_pretrained(
+    config = AutoConfig.from_pretrained(
         m.name_or_path,
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,
         local_files_only=local_only,
     )
+    if cfg.objective.method == "reward":
+        config.num_labels = 1
+    return config
 
 
-def on_meta(config: Any, model_cls: Any = None, **kwargs: Any) -> Any:
+def check_task(cfg: Config, config: Any) -> None:
+    """A reward model needs transformers' sequence-classification class for the model's
+    architecture."""
+    from transformers import AutoModelForSequenceClassification
+
+    mapping = AutoModelForSequenceClassification._model_mapping  # type: ignore[attr-defined]
+    if cfg.objective.method == "reward" and type(config) not in mapping:
+        raise UserError(
+            f"objective.method: 'reward' needs a sequence-classification model; transformers "
+            f"has none for {config.model_type!r} ({cfg.model.name_or_path})"
+        )
+
+
+def auto_class(cfg: Config) -> Any:
+    """The transformers auto class of the run's model: a causal LM, or for
+    `objective.method: reward` a sequence classifier (the base with a one-output `score`
+    head, initialised when the base has none; `distft.objectives.reward`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if cfg.objective.method == "reward":
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
+
+
+def on_meta(config: Any, model_cls: Any = None, auto: Any = None, **kwargs: Any) -> Any:
     """The architecture of a transformers `config` on the meta device: names, shapes and
     class flags, no memory and no initialisation. `model_cls`: the class of a model already
-    built (remote code included); default AutoModelForCausalLM."""
+    built (remote code included); else `auto` (an auto class, default
+    AutoModelForCausalLM)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -120,13 +150,13 @@ def on_meta(config: Any, model_cls: Any = None, **kwargs: Any) -> Any:
     with torch.device("meta"), no_init_weights():  # initialising is most of the time
         if model_cls is not None:
             return model_cls._from_config(config, **kwargs)
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        return (auto or AutoModelForCausalLM).from_config(config, **kwargs)
 
 
 def meta_model(cfg: Config, local_only: bool = False) -> Any:
     """The run's base architecture on the meta device, no weights read."""
     config = hf_config(cfg, local_only)
-    return on_meta(config, trust_remote_code=cfg.model.trust_remote_code)
+    return on_meta(config, auto=auto_class(cfg), trust_remote_code=cfg.model.trust_remote_code)
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -219,22 +249,23 @@ def resolved_attention(cfg: Config) -> str:
 
 
 def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """Load the causal LM; wrap it with LoRA adapters when `lora.enabled`.
+    """Load the causal LM (a reward model: `auto_class`); wrap it with LoRA adapters when
+    `lora.enabled`.
 
     Under ZeRO-3 the weights are loaded straight into partitions (DeepSpeed's zero.Init,
     via transformers' HfDeepSpeedConfig), so no rank ever holds the whole model. A 4-bit
     base (`lora.quantize_base`, `distft.quant`) is loaded whole on each rank (transformers
     skips zero.Init for quantised models) and partitioned by `deepspeed.initialize`.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     # HfDeepSpeedConfig must stay alive while from_pretrained runs; transformers holds a
     # weak reference to it.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
-    model: Any = AutoModelForCausalLM.from_pretrained(
+    model: Any = auto_class(cfg).from_pretrained(
         cfg.model.name_or_path,
+        **task_kwargs(cfg),
         dtype=load_dtype(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=resolved_attention(cfg),
@@ -258,6 +289,15 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     if cfg.model.neftune_alpha is not None:  # after peft: it may replace the embeddings
         neftune.attach(model, cfg.model.neftune_alpha)
     return model
+
+
+def task_kwargs(cfg: Config) -> dict[str, Any]:
+    """`from_pretrained` arguments of the run's model class beyond the base's config: a
+    reward model has one output and pads with the tokenizer's pad token (transformers
+    scores a sequence at its last token that is not the pad token)."""
+    if cfg.objective.method != "reward":
+        return {}
+    return {"num_labels": 1, "pad_token_id": load_tokenizer(cfg).pad_token_id}
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

@@ -36,8 +36,8 @@ PLOTS = (
          (("train/grad_norm", "grad norm"),), log_y=True),
     Plot("throughput.png", "Throughput", "tokens / s",
          (("train/tokens_per_s", "all tokens"), ("train/target_tokens_per_s", "target tokens"))),
-    # preference objectives (distft.objectives.preference); absent from SFT runs
-    Plot("rewards.png", "Implicit rewards", "reward",
+    # preference objectives and reward models (distft.objectives); absent from SFT runs
+    Plot("rewards.png", "Rewards", "reward",
          (("train/rewards/chosen", "chosen"), ("train/rewards/rejected", "rejected"),
           ("train/rewards/margins", "margin"))),
     Plot("preference_accuracy.png", "Preference accuracy", "fraction of pairs",

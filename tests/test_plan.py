@@ -32,6 +32,7 @@ EXAMPLE_MODELS = {
     "llama3_70b_full_zero3_32gpu.yaml": "llama3_70b",
     "llama3_8b_lora_1gpu.yaml": "llama3_8b",
     "llama3_8b_dpo_lora_1gpu.yaml": "llama3_8b",
+    "llama3_8b_reward_lora_1gpu.yaml": "llama3_8b",
     "llama3_70b_dpo_zero3_32gpu.yaml": "llama3_70b",
     "mistral_7b_full_zero2_8gpu.yaml": "mistral_7b",
     "qwen_7b_lora_zero3_offload.yaml": "qwen2_5_7b",

@@ -7,7 +7,7 @@ Every problem is reported as one line naming the key, the bad value and what is 
 from distft.config.base import ConfigError
 from distft.config.data import DataConfig, SourceConfig
 from distft.config.loading import apply_overrides, from_dict, load, resolve_paths, save_resolved
-from distft.config.objective import ObjectiveConfig
+from distft.config.objective import ObjectiveConfig, RewardConfig
 from distft.config.sections import (
     BatchConfig,
     CheckpointConfig,
@@ -38,6 +38,7 @@ __all__ = [
     "LoraConfig",
     "MlflowConfig",
     "ObjectiveConfig",
+    "RewardConfig",
     "ModelConfig",
     "OptimConfig",
     "Precision",

@@ -1,9 +1,11 @@
 """The `objective` section: what the model is trained to do (distft.objectives).
 
-`sft` (the default) is next-token NLL over the target tokens. `dpo`, `simpo` and `orpo`
-train on preference pairs (`data.format: preference`): `dpo` against a frozen reference
-(the starting weights), either precomputed once before training (no reference model in
-memory while training) or resident; `simpo` and `orpo` need no reference.
+`sft` (the default) is next-token NLL over the target tokens. `dpo`, `simpo`, `orpo` and
+`reward` train on preference pairs (`data.format: preference`): `dpo` against a frozen
+reference (the starting weights), either precomputed once before training (no reference
+model in memory while training) or resident; `simpo` and `orpo` need no reference;
+`reward` trains a reward model (a one-output sequence classifier) with the Bradley-Terry
+loss.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from distft.config.base import _Section
 if TYPE_CHECKING:
     from distft.config.sections import Config
 
-PREFERENCE = ("dpo", "simpo", "orpo")
+PREFERENCE = ("dpo", "simpo", "orpo", "reward")  # the methods that train on pairs
 
 
 class DpoConfig(_Section):
@@ -45,13 +47,25 @@ class OrpoConfig(_Section):
     weight: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (lambda).")
 
 
+class RewardConfig(_Section):
+    center_coefficient: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of (r_chosen + r_rejected)^2, which keeps rewards centred on 0 "
+        "(TRL's center_rewards_coefficient; 0.01 is its suggestion).",
+    )
+
+
 class ObjectiveConfig(_Section):
-    method: Literal["sft", "dpo", "simpo", "orpo"] = Field(
-        "sft", description="sft: next-token NLL; dpo/simpo/orpo: preference pairs."
+    method: Literal["sft", "dpo", "simpo", "orpo", "reward"] = Field(
+        "sft",
+        description="sft: next-token NLL; dpo/simpo/orpo: preference tuning; reward: a reward "
+        "model (sequence classifier) on preference pairs.",
     )
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     orpo: OrpoConfig = Field(default_factory=OrpoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
     @property
     def preference(self) -> bool:
@@ -79,6 +93,6 @@ def objective_problems(self: Config) -> list[str]:
     elif "preference" in formats:
         out.append(
             "data.format: 'preference' pairs need a preference objective "
-            "(objective.method: dpo, simpo or orpo)"
+            "(objective.method: dpo, simpo, orpo or reward)"
         )
     return out

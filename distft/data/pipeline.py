@@ -96,7 +96,8 @@ def _entry(spec: SourceSpec, ctx: CacheContext, method: str) -> tuple[TokenArray
     arrays, meta = load_entry(spec, ctx)
     if meta.get("pairs") and method == "sft":
         raise DataError(
-            f"{spec.label}: holds preference pairs; set objective.method (dpo, simpo or orpo)"
+            f"{spec.label}: holds preference pairs; set objective.method "
+            "(dpo, simpo, orpo or reward)"
         )
     if not meta.get("pairs") and method != "sft":
         raise DataError(

@@ -23,6 +23,7 @@ import deepspeed
 import torch
 
 from distft import config as config_mod
+from distft import model as model_mod
 from distft.checkpoint import CheckpointCoordinator
 from distft.config import Config
 from distft.dist import DistContext
@@ -277,11 +278,12 @@ def _verify_merged(out: Path, ckpt: Path, cfg: Config, dtype: torch.dtype, input
 
 def _load_exported(out: Path) -> Any:
     """The export as a user loads it, in fp32 (exact for fp32, bf16 and fp16 weights)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, output_loading_info=True
-    )
+    config = AutoConfig.from_pretrained(out)
+    seq_cls = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+    loaded: Any = auto.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     model, info = loaded
     bad = [
         f"{k}: {', '.join(sorted(map(str, info[k]))[:3])}"
@@ -362,8 +364,6 @@ def _verify_final(
     want = v.logits(engine, inputs, dist.device)  # every rank: ZeRO-3 forwards are collective
     if not dist.is_main:
         return ""
-    from transformers import AutoModelForCausalLM
-
     model: Any
     if cfg.lora.enabled:
         from peft import PeftModel
@@ -374,7 +374,7 @@ def _verify_final(
         with model.disable_adapter():
             v.check_changes(got, v.logits(model, inputs), dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+        model = model_mod.auto_class(cfg).from_pretrained(out, dtype=dtype)
         got = v.logits(model, inputs)
     # Same weights, same dtype; the engine's wrappers (ZeRO-3's linear) may order the
     # arithmetic differently from the plain module.

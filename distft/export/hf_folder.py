@@ -92,6 +92,9 @@ def write_metadata(out: Path, cfg: Config, tokenizer: Any, dtype: torch.dtype | 
         config = hf_config(cfg)
         config.dtype = dtype
         config.vocab_size = vocab_rows(cfg, config, tokenizer)
+        if cfg.objective.method == "reward":  # loads as the sequence classifier it is
+            config.architectures = [type(meta_model(cfg, lora=False)).__name__]
+            config.pad_token_id = tokenizer.pad_token_id  # scored at the last other token
         config.save_pretrained(out)
         try:
             gen = GenerationConfig.from_pretrained(
@@ -157,12 +160,11 @@ def base_model(cfg: Config, dtype: torch.dtype = torch.float32, trained: bool = 
     adapters trained on; for a 4-bit base (`lora.quantize_base`) that is the base quantised
     from the training dtype as the workers quantised it (`dtype` is then ignored). Without
     it, the full-precision base (what `--merge-lora` folds the adapter into)."""
-    from transformers import AutoModelForCausalLM
-
     m = cfg.model
     q = quant.bnb_config(cfg, model_mod.load_dtype(cfg)) if trained else None
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_mod.auto_class(cfg).from_pretrained(
         m.name_or_path,
+        **model_mod.task_kwargs(cfg),
         dtype=model_mod.load_dtype(cfg) if q is not None else dtype,
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,

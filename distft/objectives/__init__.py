@@ -11,6 +11,8 @@ loop does not branch on the method.
 - `dpo`, `simpo`, `orpo` (`distft.objectives.preference`): preference pairs; the formulas
   are in `distft.objectives.losses`, the frozen reference of `dpo` in
   `distft.objectives.reference`.
+- `reward` (`distft.objectives.reward`): a reward model (one-output sequence classifier)
+  on preference pairs, Bradley-Terry loss.
 """
 
 from __future__ import annotations

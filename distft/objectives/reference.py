@@ -42,6 +42,7 @@ from distft.dist import DistContext
 from distft.model import resolved_attention
 from distft.objectives.base import Objective
 from distft.objectives.preference import Preference, Reference, sequence_logps
+from distft.objectives.reward import Reward
 from distft.objectives.sft import Sft
 
 CHUNK_BATCHES = 16  # micro-batches per rank between two saved chunks
@@ -202,6 +203,8 @@ def objective_for(
     method = cfg.objective
     if not method.preference:
         return Sft(cfg.model.loss_chunk_size)
+    if method.method == "reward":
+        return Reward(method.reward, pad_id)
     if method.method != "dpo":
         return Preference(method)
     if method.dpo.reference == "precomputed":

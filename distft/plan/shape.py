@@ -121,12 +121,12 @@ def shape_of(model: torch.nn.Module, config: Any) -> ModelShape:
 def model_shape(cfg: Config) -> ModelShape:
     """The run's model (with its LoRA adapters) on the meta device, from its config.json
     alone; local folders and cached hub models only (the planner downloads nothing)."""
-    from distft.model import hf_config, on_meta
+    from distft.model import auto_class, hf_config, on_meta
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = hf_config(cfg, local_only=True)
-        model = on_meta(config, trust_remote_code=cfg.model.trust_remote_code)
+        model = on_meta(config, auto=auto_class(cfg), trust_remote_code=cfg.model.trust_remote_code)
         if cfg.lora.enabled:
             from distft.lora import with_lora
 
