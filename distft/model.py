@@ -266,6 +266,7 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     model: Any = auto_class(cfg).from_pretrained(
         cfg.model.name_or_path,
         **task_kwargs(cfg),
+        **placement(cfg, zero3),
         dtype=load_dtype(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=resolved_attention(cfg),
@@ -289,6 +290,18 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     if cfg.model.neftune_alpha is not None:  # after peft: it may replace the embeddings
         neftune.attach(model, cfg.model.neftune_alpha)
     return model
+
+
+def placement(cfg: Config, zero3: bool) -> dict[str, Any]:
+    """Where `from_pretrained` puts the weights. On GPU workers under ZeRO 0-2 (and no
+    4-bit base, which transformers places itself), straight into this rank's GPU, tensor
+    by tensor from the memory-mapped files: no rank builds a host copy of the model.
+    Under ZeRO-3, zero.Init partitions them as they load. On CPU workers transformers
+    leaves weights whose dtype matches the files as views of the memory-mapped files, so
+    the ranks of a node share one copy in the page cache (`tests/test_model_loading.py`)."""
+    if zero3 or not cfg.cluster.use_gpu or cfg.lora.quantize_base is not None:
+        return {}
+    return {"device_map": {"": torch.cuda.current_device()}}
 
 
 def task_kwargs(cfg: Config) -> dict[str, Any]:

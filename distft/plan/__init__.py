@@ -111,7 +111,7 @@ def make_plan(
         shape,
         world,
         attention,
-        states(shape, ds, world, quant_bits),
+        states(shape, ds, world, quant_bits, gpu=cfg.cluster.use_gpu),
         acts,
         deepspeed_estimate(shape, ds, world),
     )

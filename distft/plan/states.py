@@ -99,11 +99,16 @@ def quantized_bytes(shape: ModelShape, bits: int, e: int) -> int:
 
 
 def states(
-    shape: ModelShape, ds: dict[str, Any], world: int, quant_bits: int | None = None
+    shape: ModelShape,
+    ds: dict[str, Any],
+    world: int,
+    quant_bits: int | None = None,
+    gpu: bool = True,
 ) -> States:
     """Bytes per rank of every model state and DeepSpeed buffer, on device and host.
     `quant_bits`: the base model's linear layers quantised (QLoRA; under ZeRO-3 the
-    packed storage is what is partitioned)."""
+    packed storage is what is partitioned). `gpu`: GPU workers (ZeRO 0-2 load straight to
+    the device there: `distft.model.placement`)."""
     zero = ds.get("zero_optimization", {})
     stage, e = int(zero.get("stage", 0)), _bytes_of(ds)
     part = partition(shape, ds, world)
@@ -148,10 +153,12 @@ def states(
         dev["reduce buckets"] = buckets * e * int(zero.get("reduce_bucket_size", 500_000_000))
     elif stage == 3:
         dev["reduce bucket"] = e * int(zero.get("reduce_bucket_size", 500_000_000))
-    if stage < 3:
+    if stage < 3 and not gpu:
         host["model load (whole model per rank)"] = e * shape.total
-        notes.append("ZeRO 0-2 load the whole model on each rank's host before moving it")
-    else:
+        notes.append(
+            "ZeRO 0-2 CPU ranks load the whole model (page cache shared by a node's ranks)"
+        )
+    else:  # ZeRO-3 partitions as it loads; ZeRO 0-2 GPU ranks load straight to the GPU
         host["model load (largest module)"] = e * shape.largest_module()
     return States(
         part,
