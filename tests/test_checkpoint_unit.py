@@ -326,3 +326,22 @@ def test_fp16_dynamic_loss_scaler_unpickles_and_other_classes_do_not(tmp_path: P
         check_pickles(bad)
     with pytest.raises(CheckpointError, match="refused to unpickle"):
         weights_only_checkpoint_engine().load(str(bad / "mp_rank_00_model_states.pt"))
+
+
+def test_the_reward_section_enters_the_fingerprint_only_when_trained(tmp_path: Path) -> None:
+    """`objective.reward` came after runs were saved with the `objective` hash of the
+    other methods' sections: those runs still resume, and a reward setting changes an
+    SFT run's trajectory in nothing."""
+    import json
+
+    import xxhash
+
+    base = _cfg(tmp_path)
+    before = fingerprint(base)["objective"]
+    d = base.redacted()["objective"]
+    del d["reward"]
+    d["dpo"]["reference"] = None
+    # the hash the previous release computed for the same config
+    assert before == xxhash.xxh3_64_hexdigest(json.dumps(d, sort_keys=True, default=str).encode())
+    base.objective.reward.center_coefficient = 0.5
+    assert fingerprint(base)["objective"] == before

@@ -92,6 +92,8 @@ def fingerprint(cfg: Config) -> dict[str, str]:
     data = {k: v for k, v in d["data"].items() if k != "cache_dir"}
     # where DPO's reference log-probs come from does not change them
     objective = {**d["objective"], "dpo": {**d["objective"]["dpo"], "reference": None}}
+    if objective["method"] != "reward":  # added later: runs saved before it still resume
+        objective.pop("reward")
 
     def h(obj: Any) -> str:
         return xxhash.xxh3_64_hexdigest(json.dumps(obj, sort_keys=True, default=str).encode())
