@@ -433,3 +433,40 @@ def test_auto_micro_batch_is_the_largest_that_fits(tiny: TinyAssets, tmp_path: P
     save_resolved(train_cfg, tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["batch"]["micro_batch_size"] == train_cfg.batch.micro_batch_size
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_resident_dpo_reference_is_counted(stage: int) -> None:
+    """A resident frozen copy (full fine-tuning) holds as many bytes as the trained
+    weights, its own partition under ZeRO-3; precomputed, or under LoRA (the base with the
+    adapters off), it holds nothing."""
+    from distft.config import from_dict
+    from distft.plan import make_plan
+
+    def plan(reference: str, lora: bool = False):  # type: ignore[no-untyped-def]
+        return make_plan(
+            from_dict(
+                {
+                    "model": {"name_or_path": str(MODELS / "llama3_8b")},
+                    "data": {
+                        "train_files": [str(REPO / "examples/data/sample_preference.jsonl")],
+                        "format": "preference",
+                    },
+                    "checkpoint": {"output_dir": "out"},
+                    "objective": {"method": "dpo", "dpo": {"reference": reference}},
+                    "deepspeed": {"zero_stage": stage},
+                    "cluster": {"num_workers": 8},
+                    "lora": {"enabled": lora},
+                }
+            )  # fmt: skip
+        )
+
+    resident, precomputed = plan("resident"), plan("precomputed")
+    row = "DPO reference (resident frozen copy)"
+    weights = "weights" if stage < 3 else "weights (partition)"
+    held = precomputed.device[weights] + precomputed.device.get(
+        "weights (persistent small params)", 0
+    )
+    assert resident.device[row] == held > 0
+    assert resident.device_total - precomputed.device_total == held
+    assert row not in precomputed.device and row not in plan("resident", lora=True).device

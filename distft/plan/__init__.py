@@ -53,6 +53,26 @@ class Plan:
         )
 
 
+# the weights a rank holds between steps (ZeRO-3's gathered layer is transient, and the
+# reference's forward never runs beside the policy's)
+_HELD_WEIGHTS = ("weights", "weights (partition)", "weights (persistent small params)")
+
+
+def with_reference(s: States, cfg: Config) -> States:
+    """DPO with `dpo.reference: resident` and full fine-tuning keeps a frozen copy of the
+    weights (`distft.objectives.reference`): as many bytes as the trained weights (under
+    ZeRO-3 its own partition, with or without parameter offload). Under LoRA the reference
+    is the base with the adapters off (nothing more); precomputed, nothing at all."""
+    o = cfg.objective
+    if o.method != "dpo" or o.dpo.reference != "resident" or cfg.lora.enabled:
+        return s
+    for rows in (s.device, s.host):
+        weights = sum(v for k, v in rows.items() if k in _HELD_WEIGHTS)
+        if weights:
+            rows["DPO reference (resident frozen copy)"] = weights
+    return s
+
+
 def resolved_attention(cfg: Config) -> str:
     """The attention the run would use, without importing flash-attn: `auto` is
     flash_attention_2 on GPU workers in 16 bits, else sdpa (both keep no n x n matrix)."""
@@ -111,7 +131,7 @@ def make_plan(
         shape,
         world,
         attention,
-        states(shape, ds, world, quant_bits, gpu=cfg.cluster.use_gpu),
+        with_reference(states(shape, ds, world, quant_bits, gpu=cfg.cluster.use_gpu), cfg),
         acts,
         deepspeed_estimate(shape, ds, world),
     )
