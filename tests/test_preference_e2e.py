@@ -171,14 +171,20 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+# the precomputed LoRA runs: ZeRO-3 with parameters and optimizer offloaded to the host
+OFFLOAD = {"zero_stage": 3, "precision": "fp32", "ds_config": ZERO3,
+           "offload_param": "cpu", "offload_optimizer": "cpu"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def lora_runs(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """LoRA DPO, the precomputed reference on 2 workers (2 x 2 x 2) and the resident one on
-    1 worker (2 x 4 x 1): the same global batches."""
+    """LoRA DPO, the precomputed reference on 2 workers (2 x 2 x 2, parameters and
+    optimizer offloaded) and the resident one on 1 worker (2 x 4 x 1, no offload): the
+    same global batches."""
     root = tmp_path_factory.mktemp("dpo_lora")
-    pre = dpo_config(tiny, root / "pre" / "run", root / "pre" / "cache", lora=LORA)
+    pre = dpo_config(
+        tiny, root / "pre" / "run", root / "pre" / "cache", lora=LORA, deepspeed=OFFLOAD
+    )
     res = dpo_config(
         tiny,
         root / "res" / "run",
@@ -211,7 +217,7 @@ def test_lora_dpo_stop_and_resume_is_bit_exact(
     base); the resumed run reads the reference (the base, adapters off) from the cache the
     first start wrote and ends bit for bit where the uninterrupted run did."""
     out = tmp_path / "run"
-    cfg = dpo_config(tiny, out, tmp_path / "cache", lora=LORA)
+    cfg = dpo_config(tiny, out, tmp_path / "cache", lora=LORA, deepspeed=OFFLOAD)
     ok(run_cli("train", str(cfg), "batch.stop_after_steps=3"))
     second = ok(run_cli("train", str(cfg)))
     assert "at step 3" in second.stdout and "reference log-probs: cached" in second.stdout
