@@ -31,9 +31,17 @@ from typing import Any
 
 from distft.config import DataConfig, SourceConfig
 from distft.data.formats import ReadReport, parse
-from distft.data.records import DataError, Raw, data_files, file_records, hub_records
+from distft.data.parallel import ChunkEncoder, processes_for
+from distft.data.records import (
+    DataError,
+    Raw,
+    data_files,
+    file_records,
+    hub_records,
+    load_hub,
+)
 from distft.data.store import TokenArrays, TokenWriter
-from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
+from distft.data.tokenize import EncodeSettings, TokenizeReport
 
 # 2: sentinel-located assistant turns (data/templates.py); 3: `auto` reads a record with
 # `chosen`/`rejected` as a preference pair (it was another format's record before)
@@ -63,6 +71,13 @@ class SourceSpec:
         assert self.path is not None
         for f in data_files(Path(self.path)):
             yield from file_records(f)
+
+    def size_bytes(self) -> int:
+        """The source's size: its files', or a hub dataset's Arrow data."""
+        if self.hub is not None:
+            return int(load_hub(self.hub, self.subset, self.split, self.revision).data.nbytes)
+        assert self.path is not None
+        return sum(f.stat().st_size for f in data_files(Path(self.path)))
 
     def identity(self) -> dict[str, Any]:
         """What the records depend on (cheap: file stats, not contents)."""
@@ -147,17 +162,22 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 @dataclass(frozen=True)
 class CacheContext:
-    """Everything besides the source that the tokens depend on, and where they go."""
+    """Everything besides the source that the tokens depend on, and where they go; and
+    the processes that tokenize (not in the key: the output is the same)."""
 
     tokenizer: Any
     settings: EncodeSettings
     on_bad: str
     root: Path
     tok_fp: str
+    num_proc: int = 1
 
     @classmethod
-    def create(cls, tokenizer: Any, settings: EncodeSettings, on_bad: str, root: Path):
-        return cls(tokenizer, settings, on_bad, root, tokenizer_fingerprint(tokenizer))
+    def create(
+        cls, tokenizer: Any, settings: EncodeSettings, on_bad: str, root: Path, num_proc: int = 1
+    ) -> CacheContext:
+        fp = tokenizer_fingerprint(tokenizer)
+        return cls(tokenizer, settings, on_bad, root, fp, num_proc)
 
     def key(self, spec: SourceSpec) -> str:
         return _hash([spec.records_key(self.on_bad), self.tok_fp, asdict(self.settings)])
@@ -211,21 +231,25 @@ def build_entry(
 def _write(
     spec: SourceSpec, ctx: CacheContext, directory: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Tokenize `spec` into a new store in `directory`, sample by sample; its meta."""
+    """Tokenize `spec` into a new store in `directory`, sample by sample, on
+    `ctx.num_proc` processes if it is big enough (`parallel.processes_for`); its meta."""
     t0 = shown = time.perf_counter()
     read, tok = ReadReport(), TokenizeReport()
     samples = parse(spec.raws(), spec.format, spec.fields, ctx.on_bad, read, spec.max_samples)
-    encoder = Encoder(ctx.tokenizer, ctx.settings)
+    procs = processes_for(ctx.num_proc, spec.size_bytes)
+    rows = ChunkEncoder(ctx.tokenizer, ctx.settings, ctx.on_bad, procs).rows(samples, tok)
     writer = TokenWriter(directory)
     try:
-        for ids, labels in encoder.encode_many(samples, ctx.on_bad, tok):
+        for ids, labels in rows:
             writer.add(ids, labels)
             if time.perf_counter() - shown > PROGRESS_SECONDS:
                 shown = time.perf_counter()
                 log(f"preprocessed {spec.label}: {len(writer):,} samples, {writer.tokens:,} "
-                    f"tokens so far ({read.records:,} records, {shown - t0:.0f}s)")  # fmt: skip
+                    f"tokens so far ({read.records:,} records, {shown - t0:.0f}s, "
+                    f"{procs} process{'es' if procs > 1 else ''})")  # fmt: skip
     finally:
         writer.close()
+        rows.close()  # a pool is shut down, whatever happened
     if len(writer) == 0:
         raise DataError(
             f"{spec.label}: no usable samples ({read.records} records read, "

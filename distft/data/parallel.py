@@ -1,0 +1,121 @@
+"""Tokenizing one source on several processes (`data.num_proc`), with the serial output.
+
+The parent reads the records (`formats.parse`, streaming) and cuts the samples into the
+chunks the serial path encodes (`tokenize.chunked`: the same tokenizer calls); a pool of
+processes encodes them, each with an `Encoder` built once from the pickled tokenizer, and
+the rows are yielded in chunk order, so the caller writes the serial build's bytes. At most
+IN_FLIGHT chunks a process are out at a time: memory holds a few chunks, never the file.
+Each chunk's `TokenizeReport` is added in order (`first_skipped` as serially), and the
+first chunk in order that fails raises its error: the earliest bad record in file order,
+as the serial path reports it. A bad record the parent meets while reading is raised once
+the chunks before it are in (one of them may hold an earlier bad record).
+
+The pool starts its processes with "spawn": a fresh interpreter that inherits nothing from
+a parent that may be a Ray worker with threads (a fork copies their held locks). A process
+imports distft (torch included, through `distft.data`) and unpickles the tokenizer, seconds
+on a busy node, so a source of under POOL_MIN_BYTES is tokenized serially (see
+BENCHMARKS.md, "Tokenizing on the node's cores").
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from distft.data.formats import Sample
+from distft.data.records import DataError
+from distft.data.tokenize import Encoder, EncodeSettings, Row, TokenizeReport, chunked
+
+POOL_MIN_BYTES = 16 << 20  # a smaller source is tokenized serially
+IN_FLIGHT = 3  # chunks submitted per process ahead of the one being written
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a job scheduler sets it)."""
+    return len(os.sched_getaffinity(0))
+
+
+def resolve_num_proc(value: int | str) -> int:
+    """`data.num_proc` as a number: "auto" is the usable cores."""
+    return usable_cores() if value == "auto" else int(value)
+
+
+def processes_for(num_proc: int, size_bytes: Callable[[], int]) -> int:
+    """The processes to tokenize a source of `size_bytes()` on: 1 below POOL_MIN_BYTES."""
+    return num_proc if num_proc > 1 and size_bytes() >= POOL_MIN_BYTES else 1
+
+
+_encoder: Encoder | None = None  # a pool process's own
+
+
+def _start(tokenizer: bytes, settings: EncodeSettings) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a process: no oversubscription
+    global _encoder
+    _encoder = Encoder(pickle.loads(tokenizer), settings)
+
+
+def _encode(chunk: list[Sample], on_bad_record: str) -> tuple[list[Row], TokenizeReport]:
+    assert _encoder is not None, "a pool process without its encoder"
+    report = TokenizeReport()
+    return list(_encoder.encode_chunk(chunk, on_bad_record, report)), report
+
+
+def _items(chunks: Iterator[list[Sample]]) -> Iterator[list[Sample] | DataError]:
+    """The chunks, then the DataError that reading raised (as an item), if one did."""
+    try:
+        yield from chunks
+    except DataError as e:
+        yield e
+
+
+class ChunkEncoder:
+    """A source's samples -> rows, in order, on `processes` processes (1: in this one)."""
+
+    def __init__(self, tokenizer: Any, settings: EncodeSettings, on_bad: str, processes: int):
+        self.tok, self.settings, self.on_bad = tokenizer, settings, on_bad
+        self.processes = processes
+
+    def rows(self, samples: Iterable[Sample], report: TokenizeReport) -> Generator[Row]:
+        if self.processes <= 1:
+            return Encoder(self.tok, self.settings).encode_many(samples, self.on_bad, report)
+        return self._pooled(_items(chunked(samples)), report)
+
+    def _pooled(
+        self, items: Iterator[list[Sample] | DataError], report: TokenizeReport
+    ) -> Generator[Row]:
+        pending: deque[Future[tuple[list[Row], TokenizeReport]]] = deque()
+        failed: DataError | None = None
+        pool = ProcessPoolExecutor(
+            self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start,
+            initargs=(pickle.dumps(self.tok), self.settings),
+        )
+        try:
+            for item in items:
+                if isinstance(item, DataError):
+                    failed = item
+                    break
+                pending.append(pool.submit(_encode, item, self.on_bad))
+                while len(pending) > IN_FLIGHT * self.processes:
+                    yield from _done(pending.popleft(), report)
+            while pending:
+                yield from _done(pending.popleft(), report)
+        finally:  # an error, or the caller stopped: drop what has not started, then wait
+            pool.shutdown(wait=True, cancel_futures=True)
+        if failed is not None:
+            raise failed
+
+
+def _done(future: Future[tuple[list[Row], TokenizeReport]], report: TokenizeReport) -> list[Row]:
+    try:
+        rows, chunk_report = future.result()
+    except DataError as e:
+        raise e from None  # one line: not the pool process's traceback
+    report.add(chunk_report)
+    return rows
