@@ -29,9 +29,9 @@ def tok(tiny: TinyAssets) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def pool_for_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test files are small: use the pool for them all the same."""
-    monkeypatch.setattr(parallel, "POOL_MIN_BYTES", 0)
+def pool_after_two_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test files are small: start the pool after two chunks of samples."""
+    monkeypatch.setattr(parallel, "POOL_AFTER", 2)
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -55,9 +55,11 @@ def write(path: Path, records: list[Any]) -> Path:
     return path
 
 
-def build(tok: Any, path: Path, root: Path, num_proc: int, **data: Any) -> tuple[Path, dict]:
-    """A new cache entry of `path` built on `num_proc` processes; the progress lines (one
-    per sample here) name them."""
+def build(
+    tok: Any, path: Path, root: Path, num_proc: int, pooled: bool = True, **data: Any
+) -> tuple[Path, dict]:
+    """A new cache entry of `path` built on `num_proc` processes (`pooled`: the source is
+    long enough for a pool to start); the progress lines (one a sample here) name them."""
     cfg = DataConfig.model_validate({"train_files": [str(path)], **data})
     settings = EncodeSettings(MAX_SEQ_LEN, cfg.train_on, cfg.too_long)
     ctx = CacheContext.create(tok, settings, cfg.on_bad_record, root, num_proc)
@@ -67,8 +69,8 @@ def build(tok: Any, path: Path, root: Path, num_proc: int, **data: Any) -> tuple
         mp.setattr(cache, "PROGRESS_SECONDS", -1.0)
         result = build_entry(spec, ctx, lines.append)
     assert result.built and lines
-    shown = "2 processes" if num_proc == 2 else "1 process"
-    assert all(line.endswith(f"s, {shown})") for line in lines), lines[-1]
+    shown = f"{num_proc} processes" if num_proc > 1 and pooled else "1 process"
+    assert lines[-1].endswith(f"s, {shown})"), lines[-1]
     return result.path, result.meta
 
 
@@ -94,6 +96,8 @@ def test_a_pool_build_is_the_serial_build(tok: Any, tiny: TinyAssets, tmp_path: 
     assert (meta["samples"], meta["skipped"]) == (3000, 0) and meta["truncated"] >= 60
     dropped = assert_same_builds(tok, path, tmp_path / "drop", too_long="drop")
     assert dropped["dropped"] == meta["truncated"] == 3000 - dropped["samples"]
+    short = write(tmp_path / "short.jsonl", chat_records(tiny, 2 * CHUNK))  # no pool: too short
+    assert build(tok, short, tmp_path / "short", 2, pooled=False)[1]["samples"] == 2 * CHUNK
 
 
 def test_a_pool_build_of_preference_pairs(tok: Any, tiny: TinyAssets, tmp_path: Path) -> None:

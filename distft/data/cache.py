@@ -31,15 +31,8 @@ from typing import Any
 
 from distft.config import DataConfig, SourceConfig
 from distft.data.formats import ReadReport, parse
-from distft.data.parallel import ChunkEncoder, processes_for
-from distft.data.records import (
-    DataError,
-    Raw,
-    data_files,
-    file_records,
-    hub_records,
-    load_hub,
-)
+from distft.data.parallel import ChunkEncoder
+from distft.data.records import DataError, Raw, data_files, file_records, hub_records
 from distft.data.store import TokenArrays, TokenWriter
 from distft.data.tokenize import EncodeSettings, TokenizeReport
 
@@ -71,13 +64,6 @@ class SourceSpec:
         assert self.path is not None
         for f in data_files(Path(self.path)):
             yield from file_records(f)
-
-    def size_bytes(self) -> int:
-        """The source's size: its files', or a hub dataset's Arrow data."""
-        if self.hub is not None:
-            return int(load_hub(self.hub, self.subset, self.split, self.revision).data.nbytes)
-        assert self.path is not None
-        return sum(f.stat().st_size for f in data_files(Path(self.path)))
 
     def identity(self) -> dict[str, Any]:
         """What the records depend on (cheap: file stats, not contents)."""
@@ -232,12 +218,12 @@ def _write(
     spec: SourceSpec, ctx: CacheContext, directory: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Tokenize `spec` into a new store in `directory`, sample by sample, on
-    `ctx.num_proc` processes if it is big enough (`parallel.processes_for`); its meta."""
+    `ctx.num_proc` processes once it proved long enough (`parallel.ChunkEncoder`); its meta."""
     t0 = shown = time.perf_counter()
     read, tok = ReadReport(), TokenizeReport()
     samples = parse(spec.raws(), spec.format, spec.fields, ctx.on_bad, read, spec.max_samples)
-    procs = processes_for(ctx.num_proc, spec.size_bytes)
-    rows = ChunkEncoder(ctx.tokenizer, ctx.settings, ctx.on_bad, procs).rows(samples, tok)
+    encoder = ChunkEncoder(ctx.tokenizer, ctx.settings, ctx.on_bad, ctx.num_proc)
+    rows = encoder.rows(samples, tok)
     writer = TokenWriter(directory)
     try:
         for ids, labels in rows:
@@ -246,7 +232,7 @@ def _write(
                 shown = time.perf_counter()
                 log(f"preprocessed {spec.label}: {len(writer):,} samples, {writer.tokens:,} "
                     f"tokens so far ({read.records:,} records, {shown - t0:.0f}s, "
-                    f"{procs} process{'es' if procs > 1 else ''})")  # fmt: skip
+                    f"{_processes(encoder.processes)})")  # fmt: skip
     finally:
         writer.close()
         rows.close()  # a pool is shut down, whatever happened
@@ -270,6 +256,10 @@ def _write(
     }
     writer.finish(meta)
     return meta
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def load_entry(spec: SourceSpec, ctx: CacheContext) -> tuple[TokenArrays, dict[str, Any]]:

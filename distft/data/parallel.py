@@ -12,9 +12,9 @@ the chunks before it are in (one of them may hold an earlier bad record).
 
 The pool starts its processes with "spawn": a fresh interpreter that inherits nothing from
 a parent that may be a Ray worker with threads (a fork copies their held locks). A process
-imports distft (torch included, through `distft.data`) and unpickles the tokenizer, seconds
-on a busy node, so a source of under POOL_MIN_BYTES is tokenized serially (see
-BENCHMARKS.md, "Tokenizing on the node's cores").
+imports distft (torch included, through `distft.data`) and unpickles the tokenizer, about
+a second, so the first POOL_AFTER chunks are encoded in the parent, and a source that ends
+there never starts a pool (see BENCHMARKS.md, "Tokenizing on the node's cores").
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import multiprocessing
 import os
 import pickle
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import chain, islice
 from typing import Any
 
 from distft.data.formats import Sample
 from distft.data.records import DataError
 from distft.data.tokenize import Encoder, EncodeSettings, Row, TokenizeReport, chunked
 
-POOL_MIN_BYTES = 16 << 20  # a smaller source is tokenized serially
+POOL_AFTER = 16  # chunks encoded in the parent before a pool starts (a smaller source: all)
 IN_FLIGHT = 3  # chunks submitted per process ahead of the one being written
 
 
@@ -43,11 +44,6 @@ def usable_cores() -> int:
 def resolve_num_proc(value: int | str) -> int:
     """`data.num_proc` as a number: "auto" is the usable cores."""
     return usable_cores() if value == "auto" else int(value)
-
-
-def processes_for(num_proc: int, size_bytes: Callable[[], int]) -> int:
-    """The processes to tokenize a source of `size_bytes()` on: 1 below POOL_MIN_BYTES."""
-    return num_proc if num_proc > 1 and size_bytes() >= POOL_MIN_BYTES else 1
 
 
 _encoder: Encoder | None = None  # a pool process's own
@@ -74,16 +70,27 @@ def _items(chunks: Iterator[list[Sample]]) -> Iterator[list[Sample] | DataError]
 
 
 class ChunkEncoder:
-    """A source's samples -> rows, in order, on `processes` processes (1: in this one)."""
+    """A source's samples -> rows, in order: the first POOL_AFTER chunks in this process,
+    the rest (if any) on a pool of `num_proc` processes (with `num_proc` > 1)."""
 
-    def __init__(self, tokenizer: Any, settings: EncodeSettings, on_bad: str, processes: int):
+    def __init__(self, tokenizer: Any, settings: EncodeSettings, on_bad: str, num_proc: int):
         self.tok, self.settings, self.on_bad = tokenizer, settings, on_bad
-        self.processes = processes
+        self.num_proc = num_proc
+        self.processes = 1  # the processes tokenizing now (num_proc once the pool started)
 
     def rows(self, samples: Iterable[Sample], report: TokenizeReport) -> Generator[Row]:
-        if self.processes <= 1:
-            return Encoder(self.tok, self.settings).encode_many(samples, self.on_bad, report)
-        return self._pooled(_items(chunked(samples)), report)
+        encoder = Encoder(self.tok, self.settings)
+        if self.num_proc <= 1:
+            yield from encoder.encode_many(samples, self.on_bad, report)
+            return
+        items = _items(chunked(samples))
+        for item in islice(items, POOL_AFTER):
+            if isinstance(item, DataError):
+                raise item
+            yield from encoder.encode_chunk(item, self.on_bad, report)
+        rest = next(items, None)
+        if rest is not None:
+            yield from self._pooled(chain([rest], items), report)
 
     def _pooled(
         self, items: Iterator[list[Sample] | DataError], report: TokenizeReport
@@ -91,18 +98,19 @@ class ChunkEncoder:
         pending: deque[Future[tuple[list[Row], TokenizeReport]]] = deque()
         failed: DataError | None = None
         pool = ProcessPoolExecutor(
-            self.processes,
+            self.num_proc,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start,
             initargs=(pickle.dumps(self.tok), self.settings),
         )
+        self.processes = self.num_proc
         try:
             for item in items:
                 if isinstance(item, DataError):
                     failed = item
                     break
                 pending.append(pool.submit(_encode, item, self.on_bad))
-                while len(pending) > IN_FLIGHT * self.processes:
+                while len(pending) > IN_FLIGHT * self.num_proc:
                     yield from _done(pending.popleft(), report)
             while pending:
                 yield from _done(pending.popleft(), report)
