@@ -185,3 +185,16 @@ def test_num_proc_is_checked() -> None:
         ]
     assert DataConfig.model_validate({"train_files": ["x"]}).num_proc == "auto"
     assert parallel.resolve_num_proc("auto") == parallel.usable_cores() >= 1
+
+
+def test_num_proc_is_in_no_fingerprint(tmp_path: Path) -> None:
+    """A resume on another number of processes (or another node's cores) is the same run."""
+    from distft.checkpoint.fingerprint import fingerprint
+
+    data = write(tmp_path / "d.jsonl", [{"text": "hi there"}])
+    prints = []
+    for num_proc in (1, 4, "auto"):
+        cfg = _config(num_proc)
+        cfg["data"].update(train_files=[str(data)], cache_dir=str(tmp_path / "cache"))
+        prints.append(fingerprint(from_dict(cfg)))
+    assert prints[0] == prints[1] == prints[2]
