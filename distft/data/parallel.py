@@ -34,6 +34,7 @@ from distft.data.tokenize import Encoder, EncodeSettings, Row, TokenizeReport, c
 
 POOL_AFTER = 16  # chunks encoded in the parent before a pool starts (a smaller source: all)
 IN_FLIGHT = 3  # chunks submitted per process ahead of the one being written
+START_METHOD = "spawn"  # never "fork" (see above)
 
 
 def usable_cores() -> int:
@@ -99,7 +100,7 @@ class ChunkEncoder:
         failed: DataError | None = None
         pool = ProcessPoolExecutor(
             self.num_proc,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=multiprocessing.get_context(START_METHOD),
             initializer=_start,
             initargs=(pickle.dumps(self.tok), self.settings),
         )
