@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -47,13 +48,24 @@ def write_chat(path: Path, base: Path, mb: float) -> int:
     return n
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def build(tok: Any, data: Path, root: Path, num_proc: int) -> tuple[float, Path, dict]:
+    """Wall seconds of one build; its meta gets the CPU seconds of this process (the
+    builder) and of its pool processes."""
     cfg = DataConfig.model_validate({"train_files": [str(data)]})
     ctx = CacheContext.create(tok, EncodeSettings(MAX_SEQ_LEN), "error", root, num_proc)
     (spec,) = source_specs(cfg, "train")
+    cpu = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     result = build_entry(spec, ctx)
-    return time.perf_counter() - t0, result.path, result.meta
+    took = time.perf_counter() - t0
+    meta = {**result.meta, "cpu_builder": _cpu(resource.RUSAGE_SELF) - cpu[0],
+            "cpu_pool": _cpu(resource.RUSAGE_CHILDREN) - cpu[1]}  # fmt: skip
+    return took, result.path, meta
 
 
 def same(a: Path, b: Path) -> bool:
@@ -115,7 +127,9 @@ def main() -> None:
                 took, path, meta = build(tok, data, work / f"cache-{procs}-{r}", procs)
                 best[procs] = min(best.get(procs, took), took)
                 paths[procs] = path
-                print(f"  num_proc {procs}: {took:.1f}s ({meta['tokens']:,} tokens)", flush=True)
+                print(f"  num_proc {procs}: {took:.1f}s ({meta['tokens']:,} tokens); CPU s: "
+                      f"builder {meta['cpu_builder']:.1f}, pool {meta['cpu_pool']:.1f}",
+                      flush=True)  # fmt: skip
         identical = same(paths[1], paths[args.procs])
         parse_s = parent_share(data)
         starts = {m: [startup(tok, data, args.procs, m) for _ in range(2)]

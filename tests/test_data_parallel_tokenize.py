@@ -29,9 +29,9 @@ def tok(tiny: TinyAssets) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def pool_after_two_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test files are small: start the pool after two chunks of samples."""
-    monkeypatch.setattr(parallel, "POOL_AFTER", 2)
+def pool_after_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test files are small: start the pool after the first chunk of samples."""
+    monkeypatch.setattr(parallel, "POOL_AFTER_SECONDS", 0.0)
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -96,8 +96,8 @@ def test_a_pool_build_is_the_serial_build(tok: Any, tiny: TinyAssets, tmp_path: 
     assert (meta["samples"], meta["skipped"]) == (3000, 0) and meta["truncated"] >= 60
     dropped = assert_same_builds(tok, path, tmp_path / "drop", too_long="drop")
     assert dropped["dropped"] == meta["truncated"] == 3000 - dropped["samples"]
-    short = write(tmp_path / "short.jsonl", chat_records(tiny, 2 * CHUNK))  # no pool: too short
-    assert build(tok, short, tmp_path / "short", 2, pooled=False)[1]["samples"] == 2 * CHUNK
+    short = write(tmp_path / "short.jsonl", chat_records(tiny, CHUNK))  # done: no pool started
+    assert build(tok, short, tmp_path / "short", 2, pooled=False)[1]["samples"] == CHUNK
 
 
 def test_a_pool_build_of_preference_pairs(tok: Any, tiny: TinyAssets, tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ the chunks before it are in (one of them may hold an earlier bad record).
 
 The pool starts its processes with "spawn": a fresh interpreter that inherits nothing from
 a parent that may be a Ray worker with threads (a fork copies their held locks). A process
-imports distft (torch included, through `distft.data`) and unpickles the tokenizer, about
-a second, so the first POOL_AFTER chunks are encoded in the parent, and a source that ends
-there never starts a pool (see BENCHMARKS.md, "Tokenizing on the node's cores").
+imports distft (torch included, through `distft.data`) and unpickles the tokenizer: about
+2 s and 2 CPU-seconds a process on a busy 2-core machine ("forkserver" starts no faster).
+So the parent encodes the chunks of the first POOL_AFTER_SECONDS itself, and starts a pool
+only for a source that is not done by then: one the pool can save more on than it costs
+(see BENCHMARKS.md, "Tokenizing on the node's cores").
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from itertools import chain, islice
+from itertools import chain
 from typing import Any
 
 from distft.data.formats import Sample
 from distft.data.records import DataError
 from distft.data.tokenize import Encoder, EncodeSettings, Row, TokenizeReport, chunked
 
-POOL_AFTER = 16  # chunks encoded in the parent before a pool starts (a smaller source: all)
+POOL_AFTER_SECONDS = 5.0  # of encoding in the parent before a pool starts (see above)
 IN_FLIGHT = 3  # chunks submitted per process ahead of the one being written
 START_METHOD = "spawn"  # never "fork" (see above)
 
@@ -71,8 +74,8 @@ def _items(chunks: Iterator[list[Sample]]) -> Iterator[list[Sample] | DataError]
 
 
 class ChunkEncoder:
-    """A source's samples -> rows, in order: the first POOL_AFTER chunks in this process,
-    the rest (if any) on a pool of `num_proc` processes (with `num_proc` > 1)."""
+    """A source's samples -> rows, in order: the chunks of the first POOL_AFTER_SECONDS in
+    this process, the rest (if any) on a pool of `num_proc` processes (`num_proc` > 1)."""
 
     def __init__(self, tokenizer: Any, settings: EncodeSettings, on_bad: str, num_proc: int):
         self.tok, self.settings, self.on_bad = tokenizer, settings, on_bad
@@ -84,11 +87,13 @@ class ChunkEncoder:
         if self.num_proc <= 1:
             yield from encoder.encode_many(samples, self.on_bad, report)
             return
-        items = _items(chunked(samples))
-        for item in islice(items, POOL_AFTER):
+        items, t0 = _items(chunked(samples)), time.perf_counter()
+        for item in items:
             if isinstance(item, DataError):
                 raise item
             yield from encoder.encode_chunk(item, self.on_bad, report)
+            if time.perf_counter() - t0 > POOL_AFTER_SECONDS:
+                break
         rest = next(items, None)
         if rest is not None:
             yield from self._pooled(chain([rest], items), report)
