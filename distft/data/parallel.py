@@ -4,10 +4,10 @@ The parent reads the records (`formats.parse`, streaming) and cuts the samples i
 chunks the serial path encodes (`tokenize.chunked`: the same tokenizer calls); a pool of
 processes encodes them, each with an `Encoder` built once from the pickled tokenizer, and
 the rows are yielded in chunk order, so the caller writes the serial build's bytes. At most
-IN_FLIGHT chunks a process are out at a time: memory holds a few chunks, never the file.
-Each chunk's `TokenizeReport` is added in order (`first_skipped` as serially), and the
-first chunk in order that fails raises its error: the earliest bad record in file order,
-as the serial path reports it. A bad record the parent meets while reading is raised once
+IN_FLIGHT chunks a process (and IN_FLIGHT_BYTES of them pickled) are out at a time: memory
+holds a few chunks, never the file. Each chunk's `TokenizeReport` is added in order
+(`first_skipped` as serially), and the first chunk in order that fails raises its error:
+the earliest bad record in file order, as the serial path reports it. A bad record the parent meets while reading is raised once
 the chunks before it are in (one of them may hold an earlier bad record).
 
 The pool starts its processes with "spawn": a fresh interpreter that inherits nothing from
@@ -37,6 +37,7 @@ from distft.data.tokenize import Encoder, EncodeSettings, Row, TokenizeReport, c
 
 POOL_AFTER_SECONDS = 5.0  # of encoding in the parent before a pool starts (see above)
 IN_FLIGHT = 3  # chunks submitted per process ahead of the one being written
+IN_FLIGHT_BYTES = 32 << 20  # and their pickled bytes per process (long documents)
 START_METHOD = "spawn"  # never "fork" (see above)
 
 
@@ -59,10 +60,11 @@ def _start(tokenizer: bytes, settings: EncodeSettings) -> None:
     _encoder = Encoder(pickle.loads(tokenizer), settings)
 
 
-def _encode(chunk: list[Sample], on_bad_record: str) -> tuple[list[Row], TokenizeReport]:
+def _encode(chunk: bytes, on_bad_record: str) -> tuple[list[Row], TokenizeReport]:
+    """The rows and report of a pickled chunk of samples."""
     assert _encoder is not None, "a pool process without its encoder"
     report = TokenizeReport()
-    return list(_encoder.encode_chunk(chunk, on_bad_record, report)), report
+    return list(_encoder.encode_chunk(pickle.loads(chunk), on_bad_record, report)), report
 
 
 def _items(chunks: Iterator[list[Sample]]) -> Iterator[list[Sample] | DataError]:
@@ -101,8 +103,9 @@ class ChunkEncoder:
     def _pooled(
         self, items: Iterator[list[Sample] | DataError], report: TokenizeReport
     ) -> Generator[Row]:
-        pending: deque[Future[tuple[list[Row], TokenizeReport]]] = deque()
+        pending: deque[tuple[Future[tuple[list[Row], TokenizeReport]], int]] = deque()
         failed: DataError | None = None
+        held, n = 0, self.num_proc  # pickled bytes out, processes
         pool = ProcessPoolExecutor(
             self.num_proc,
             mp_context=multiprocessing.get_context(START_METHOD),
@@ -115,11 +118,15 @@ class ChunkEncoder:
                 if isinstance(item, DataError):
                     failed = item
                     break
-                pending.append(pool.submit(_encode, item, self.on_bad))
-                while len(pending) > IN_FLIGHT * self.num_proc:
-                    yield from _done(pending.popleft(), report)
-            while pending:
-                yield from _done(pending.popleft(), report)
+                chunk = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+                pending.append((pool.submit(_encode, chunk, self.on_bad), len(chunk)))
+                held += len(chunk)
+                while len(pending) > IN_FLIGHT * n or held > IN_FLIGHT_BYTES * n:
+                    future, size = pending.popleft()
+                    held -= size
+                    yield from _done(future, report)
+            for future, _ in pending:
+                yield from _done(future, report)
         finally:  # an error, or the caller stopped: drop what has not started, then wait
             pool.shutdown(wait=True, cancel_futures=True)
         if failed is not None:
