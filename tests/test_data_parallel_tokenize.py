@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from distft.assets import TinyAssets
 from distft.config import ConfigError, DataConfig, from_dict
 from distft.data import cache, parallel
-from distft.data.cache import CacheContext, build_entry, source_specs
+from distft.data.cache import CacheContext, SourceSpec, build_entry, source_specs
 from distft.data.records import DataError
 from distft.data.tokenize import CHUNK, EncodeSettings
 
@@ -55,15 +55,21 @@ def write(path: Path, records: list[Any]) -> Path:
     return path
 
 
+def context(
+    tok: Any, path: Path, root: Path, num_proc: int, **data: Any
+) -> tuple[CacheContext, SourceSpec]:
+    cfg = DataConfig.model_validate({"train_files": [str(path)], **data})
+    settings = EncodeSettings(MAX_SEQ_LEN, cfg.train_on, cfg.too_long)
+    (spec,) = source_specs(cfg, "train")
+    return CacheContext.create(tok, settings, cfg.on_bad_record, root, num_proc), spec
+
+
 def build(
     tok: Any, path: Path, root: Path, num_proc: int, pooled: bool = True, **data: Any
 ) -> tuple[Path, dict]:
     """A new cache entry of `path` built on `num_proc` processes (`pooled`: the source is
     long enough for a pool to start); the progress lines (one a sample here) name them."""
-    cfg = DataConfig.model_validate({"train_files": [str(path)], **data})
-    settings = EncodeSettings(MAX_SEQ_LEN, cfg.train_on, cfg.too_long)
-    ctx = CacheContext.create(tok, settings, cfg.on_bad_record, root, num_proc)
-    (spec,) = source_specs(cfg, "train")
+    ctx, spec = context(tok, path, root, num_proc, **data)
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cache, "PROGRESS_SECONDS", -1.0)
@@ -109,6 +115,29 @@ def test_a_pool_build_of_preference_pairs(tok: Any, tiny: TinyAssets, tmp_path: 
     meta = assert_same_builds(tok, path, tmp_path, format="preference", too_long="drop")
     assert meta["dropped"] == len(range(5, len(records), 40))
     assert meta["samples"] == 2 * meta["pairs"] == 2 * (len(records) - meta["dropped"])
+
+
+def test_a_pool_process_that_dies_leaves_the_serial_build(
+    tok: Any, tiny: TinyAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path / "chat.jsonl", chat_records(tiny, 3000))
+    serial, _ = build(tok, path, tmp_path / "serial", 1)
+    ctx, spec = context(tok, path, tmp_path / "pool", 2)
+    killed: list[str] = []
+
+    def kill_one(line: str) -> None:  # a progress line a sample
+        if line.endswith("2 processes)") and not killed:
+            victim = _children()[0]
+            victim.kill()
+            victim.join()
+            killed.append(line)
+
+    monkeypatch.setattr(cache, "PROGRESS_SECONDS", -1.0)
+    with pytest.warns(UserWarning, match=r"^tokenizing processes failed \(.*\); going on in"):
+        result = build_entry(spec, ctx, kill_one)
+    assert killed and _children() == []
+    for name in ("ids.npy", "labels.npy", "offsets.npy", "targets.npy"):
+        assert (serial / name).read_bytes() == (result.path / name).read_bytes(), name
 
 
 def _with_bad(records: list[Any], at: dict[int, Any]) -> list[Any]:

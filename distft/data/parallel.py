@@ -7,8 +7,10 @@ the rows are yielded in chunk order, so the caller writes the serial build's byt
 IN_FLIGHT chunks a process (and IN_FLIGHT_BYTES of them pickled) are out at a time: memory
 holds a few chunks, never the file. Each chunk's `TokenizeReport` is added in order
 (`first_skipped` as serially), and the first chunk in order that fails raises its error:
-the earliest bad record in file order, as the serial path reports it. A bad record the parent meets while reading is raised once
-the chunks before it are in (one of them may hold an earlier bad record).
+the earliest bad record in file order, as the serial path reports it. A bad record the
+parent meets while reading is raised once the chunks before it are in (one of them may
+hold an earlier bad record). If a pool process dies, the parent encodes the chunks not
+yet written and the rest itself, with a warning: the same output, later.
 
 The pool starts its processes with "spawn": a fresh interpreter that inherits nothing from
 a parent that may be a Ray worker with threads (a fork copies their held locks). A process
@@ -25,9 +27,11 @@ import multiprocessing
 import os
 import pickle
 import time
+import warnings
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import chain
 from typing import Any
 
@@ -103,40 +107,63 @@ class ChunkEncoder:
     def _pooled(
         self, items: Iterator[list[Sample] | DataError], report: TokenizeReport
     ) -> Generator[Row]:
-        pending: deque[tuple[Future[tuple[list[Row], TokenizeReport]], int]] = deque()
+        pending: deque[tuple[Future[Encoded], bytes]] = deque()  # (its rows, the chunk)
+        unsent: bytes | None = None
         failed: DataError | None = None
-        held, n = 0, self.num_proc  # pickled bytes out, processes
+        n = self.num_proc
         pool = ProcessPoolExecutor(
-            self.num_proc,
+            n,
             mp_context=multiprocessing.get_context(START_METHOD),
             initializer=_start,
             initargs=(pickle.dumps(self.tok), self.settings),
         )
-        self.processes = self.num_proc
+        self.processes = n
         try:
-            for item in items:
-                if isinstance(item, DataError):
-                    failed = item
-                    break
-                chunk = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
-                pending.append((pool.submit(_encode, chunk, self.on_bad), len(chunk)))
-                held += len(chunk)
-                while len(pending) > IN_FLIGHT * n or held > IN_FLIGHT_BYTES * n:
-                    future, size = pending.popleft()
-                    held -= size
-                    yield from _done(future, report)
-            for future, _ in pending:
-                yield from _done(future, report)
+            try:
+                for item in items:
+                    if isinstance(item, DataError):
+                        failed = item
+                        break
+                    unsent = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+                    pending.append((pool.submit(_encode, unsent, self.on_bad), unsent))
+                    unsent = None
+                    while len(pending) > IN_FLIGHT * n or _held(pending) > IN_FLIGHT_BYTES * n:
+                        yield from _done(pending, report)
+                while pending:
+                    yield from _done(pending, report)
+            except BrokenProcessPool as e:  # a process died: killed (memory?), or a script
+                # without a `__main__` guard started a pool in it; the builder goes on alone
+                msg = f"tokenizing processes failed ({e}); going on in one process"
+                warnings.warn(msg, stacklevel=2)
+                self.processes = 1
+                encoder = Encoder(self.tok, self.settings)
+                left = [chunk for _, chunk in pending] + ([unsent] if unsent else [])
+                for chunk in left:
+                    yield from encoder.encode_chunk(pickle.loads(chunk), self.on_bad, report)
+                for item in items if failed is None else []:
+                    if isinstance(item, DataError):
+                        failed = item
+                        break
+                    yield from encoder.encode_chunk(item, self.on_bad, report)
         finally:  # an error, or the caller stopped: drop what has not started, then wait
             pool.shutdown(wait=True, cancel_futures=True)
         if failed is not None:
             raise failed
 
 
-def _done(future: Future[tuple[list[Row], TokenizeReport]], report: TokenizeReport) -> list[Row]:
+Encoded = tuple[list[Row], TokenizeReport]
+
+
+def _held(pending: deque[tuple[Future[Encoded], bytes]]) -> int:
+    return sum(len(chunk) for _, chunk in pending)
+
+
+def _done(pending: deque[tuple[Future[Encoded], bytes]], report: TokenizeReport) -> list[Row]:
+    """The first pending chunk's rows, once it is done (it stays pending if the pool broke)."""
     try:
-        rows, chunk_report = future.result()
+        rows, chunk_report = pending[0][0].result()
     except DataError as e:
         raise e from None  # one line: not the pool process's traceback
+    pending.popleft()
     report.add(chunk_report)
     return rows
