@@ -9,7 +9,8 @@ hash of everything that changes the tokens: each data file's path, size and mtim
 dataset's name, subset, split and revision), the format and field names, `max_samples`,
 the tokenizer (its serialized vocabulary/merges/normalizer, special tokens and chat
 template), the template used, `max_seq_len`, `too_long`, `train_on` and `on_bad_record`.
-Packing and batching are not part of it: they are recomputed from the lengths at load.
+Packing and batching are not part of it: they are recomputed from the lengths at load;
+nor is `num_proc`, the processes that tokenize (`parallel`: the same bytes on any number).
 
 Building is safe to race: a builder takes an exclusive file lock on the entry, writes into
 a temporary directory and renames it into place, so readers only ever see whole entries.
@@ -217,8 +218,8 @@ def build_entry(
 def _write(
     spec: SourceSpec, ctx: CacheContext, directory: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Tokenize `spec` into a new store in `directory`, sample by sample, on
-    `ctx.num_proc` processes once it proved long enough (`parallel.ChunkEncoder`); its meta."""
+    """Tokenize `spec` into a new store in `directory`, sample by sample (on `ctx.num_proc`
+    processes once it has taken `parallel.POOL_AFTER_SECONDS`); its meta."""
     t0 = shown = time.perf_counter()
     read, tok = ReadReport(), TokenizeReport()
     samples = parse(spec.raws(), spec.format, spec.fields, ctx.on_bad, read, spec.max_samples)
@@ -234,8 +235,8 @@ def _write(
                     f"tokens so far ({read.records:,} records, {shown - t0:.0f}s, "
                     f"{_processes(encoder.processes)})")  # fmt: skip
     finally:
-        writer.close()
         rows.close()  # a pool is shut down, whatever happened
+        writer.close()
     if len(writer) == 0:
         raise DataError(
             f"{spec.label}: no usable samples ({read.records} records read, "
