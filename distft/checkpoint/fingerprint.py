@@ -89,7 +89,8 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         "epochs": cfg.batch.epochs,
         "max_steps": cfg.batch.max_steps,
     }
-    data = {k: v for k, v in d["data"].items() if k != "cache_dir"}
+    # where the cache is and how many processes fill it do not change the tokens
+    data = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "num_proc")}
     # where DPO's reference log-probs come from does not change them
     objective = {**d["objective"], "dpo": {**d["objective"]["dpo"], "reference": None}}
     if objective["method"] != "reward":  # added later: runs saved before it still resume

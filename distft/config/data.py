@@ -94,6 +94,9 @@ class DataConfig(_Section):
     shuffle: bool = True
     batching: Literal["auto", "packed", "length_grouped", "padded"] = "auto"
     cache_dir: str | None = Field(None, description="null: ~/.cache/distft/data.")
+    num_proc: int | Literal["auto"] = Field(
+        "auto", description="Processes that tokenize a source; auto: the node's usable cores."
+    )
 
     _fields = field_validator("fields")(_check_fields)
 
@@ -101,6 +104,13 @@ class DataConfig(_Section):
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("num_proc", mode="before")
+    @classmethod
+    def _num_proc(cls, v: Any) -> Any:
+        if v == "auto" or (type(v) is int and v >= 1):
+            return v
+        raise ValueError("must be an int >= 1 or 'auto'")
 
     @field_validator("eval_sets")
     @classmethod

@@ -9,7 +9,8 @@ hash of everything that changes the tokens: each data file's path, size and mtim
 dataset's name, subset, split and revision), the format and field names, `max_samples`,
 the tokenizer (its serialized vocabulary/merges/normalizer, special tokens and chat
 template), the template used, `max_seq_len`, `too_long`, `train_on` and `on_bad_record`.
-Packing and batching are not part of it: they are recomputed from the lengths at load.
+Packing and batching are not part of it: they are recomputed from the lengths at load;
+nor is `num_proc`, the processes that tokenize (`parallel`: the same bytes on any number).
 
 Building is safe to race: a builder takes an exclusive file lock on the entry, writes into
 a temporary directory and renames it into place, so readers only ever see whole entries.
@@ -31,9 +32,10 @@ from typing import Any
 
 from distft.config import DataConfig, SourceConfig
 from distft.data.formats import ReadReport, parse
+from distft.data.parallel import ChunkEncoder
 from distft.data.records import DataError, Raw, data_files, file_records, hub_records
 from distft.data.store import TokenArrays, TokenWriter
-from distft.data.tokenize import Encoder, EncodeSettings, TokenizeReport
+from distft.data.tokenize import EncodeSettings, TokenizeReport
 
 # 2: sentinel-located assistant turns (data/templates.py); 3: `auto` reads a record with
 # `chosen`/`rejected` as a preference pair (it was another format's record before)
@@ -147,17 +149,22 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 @dataclass(frozen=True)
 class CacheContext:
-    """Everything besides the source that the tokens depend on, and where they go."""
+    """Everything besides the source that the tokens depend on, and where they go; and
+    the processes that tokenize (not in the key: the output is the same)."""
 
     tokenizer: Any
     settings: EncodeSettings
     on_bad: str
     root: Path
     tok_fp: str
+    num_proc: int = 1
 
     @classmethod
-    def create(cls, tokenizer: Any, settings: EncodeSettings, on_bad: str, root: Path):
-        return cls(tokenizer, settings, on_bad, root, tokenizer_fingerprint(tokenizer))
+    def create(
+        cls, tokenizer: Any, settings: EncodeSettings, on_bad: str, root: Path, num_proc: int = 1
+    ) -> CacheContext:
+        fp = tokenizer_fingerprint(tokenizer)
+        return cls(tokenizer, settings, on_bad, root, fp, num_proc)
 
     def key(self, spec: SourceSpec) -> str:
         return _hash([spec.records_key(self.on_bad), self.tok_fp, asdict(self.settings)])
@@ -211,20 +218,24 @@ def build_entry(
 def _write(
     spec: SourceSpec, ctx: CacheContext, directory: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Tokenize `spec` into a new store in `directory`, sample by sample; its meta."""
+    """Tokenize `spec` into a new store in `directory`, sample by sample (on `ctx.num_proc`
+    processes once it has taken `parallel.POOL_AFTER_SECONDS`); its meta."""
     t0 = shown = time.perf_counter()
     read, tok = ReadReport(), TokenizeReport()
     samples = parse(spec.raws(), spec.format, spec.fields, ctx.on_bad, read, spec.max_samples)
-    encoder = Encoder(ctx.tokenizer, ctx.settings)
+    encoder = ChunkEncoder(ctx.tokenizer, ctx.settings, ctx.on_bad, ctx.num_proc)
+    rows = encoder.rows(samples, tok)
     writer = TokenWriter(directory)
     try:
-        for ids, labels in encoder.encode_many(samples, ctx.on_bad, tok):
+        for ids, labels in rows:
             writer.add(ids, labels)
             if time.perf_counter() - shown > PROGRESS_SECONDS:
                 shown = time.perf_counter()
                 log(f"preprocessed {spec.label}: {len(writer):,} samples, {writer.tokens:,} "
-                    f"tokens so far ({read.records:,} records, {shown - t0:.0f}s)")  # fmt: skip
+                    f"tokens so far ({read.records:,} records, {shown - t0:.0f}s, "
+                    f"{_processes(encoder.processes)})")  # fmt: skip
     finally:
+        rows.close()  # a pool is shut down, whatever happened
         writer.close()
     if len(writer) == 0:
         raise DataError(
@@ -246,6 +257,10 @@ def _write(
     }
     writer.finish(meta)
     return meta
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def load_entry(spec: SourceSpec, ctx: CacheContext) -> tuple[TokenArrays, dict[str, Any]]:

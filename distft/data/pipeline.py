@@ -34,6 +34,7 @@ from distft.data.cache import (
 )
 from distft.data.formats import ReadReport, Sample, parse
 from distft.data.pairs import PairSplit, pair_rows
+from distft.data.parallel import resolve_num_proc
 from distft.data.records import DataError, data_files, file_records
 from distft.data.store import Split, TokenArrays
 from distft.data.templates import chat_template
@@ -62,7 +63,8 @@ def cache_context(cfg: Config, tokenizer: Any) -> CacheContext:
     else:
         template = chat_template(tokenizer, d.chat_template)
     settings = EncodeSettings(d.max_seq_len, d.train_on, d.too_long, template)
-    return CacheContext.create(tokenizer, settings, d.on_bad_record, cache_root(d))
+    num_proc = resolve_num_proc(d.num_proc)
+    return CacheContext.create(tokenizer, settings, d.on_bad_record, cache_root(d), num_proc)
 
 
 def build(

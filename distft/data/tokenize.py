@@ -30,7 +30,7 @@ bad record, and if either is too long with `too_long: drop` both are dropped (co
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, overload
@@ -65,6 +65,14 @@ class TokenizeReport:
     skipped: int = 0
     pairs: int = 0  # pairs encoded (two rows each)
     first_skipped: list[str] = field(default_factory=list, compare=False)
+
+    def add(self, later: TokenizeReport) -> None:
+        """Count in `later`, the report of the samples after this one's."""
+        self.truncated += later.truncated
+        self.dropped += later.dropped
+        self.skipped += later.skipped
+        self.pairs += later.pairs
+        self.first_skipped += later.first_skipped[: max(0, 3 - len(self.first_skipped))]
 
 
 def conversation_spans(
@@ -242,20 +250,15 @@ class Encoder:
 
     def encode_many(
         self, samples: Iterable[Sample], on_bad_record: str, report: TokenizeReport
-    ) -> Iterator[Row]:
+    ) -> Generator[Row]:
         """(ids, labels) int32 arrays for each usable sample, in order (two for a pair)."""
-        chunk: list[Sample] = []
-        for sample in samples:
-            chunk.append(sample)
-            if len(chunk) == CHUNK:
-                yield from self._encode_chunk(chunk, on_bad_record, report)
-                chunk = []
-        if chunk:
-            yield from self._encode_chunk(chunk, on_bad_record, report)
+        for chunk in chunked(samples):
+            yield from self.encode_chunk(chunk, on_bad_record, report)
 
-    def _encode_chunk(
+    def encode_chunk(
         self, chunk: list[Sample], on_bad_record: str, report: TokenizeReport
     ) -> Iterator[Row]:
+        """The rows of `chunk` (one tokenizer call when all are good), in order."""
         try:
             encoded = list(zip(chunk, self._chunk(chunk), strict=True))
         except TemplateError:
@@ -294,6 +297,25 @@ class Encoder:
         report.skipped += 1
         if len(report.first_skipped) < 3:
             report.first_skipped.append(str(e))
+
+
+def chunked(samples: Iterable[Sample], size: int = CHUNK) -> Iterator[list[Sample]]:
+    """`samples` in lists of `size`. A DataError that `samples` raises (a bad record while
+    reading) comes after the chunk read before it, so a bad sample earlier in the file is
+    the one reported: the earliest bad record in file order, however it is bad."""
+    chunk: list[Sample] = []
+    try:
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except DataError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
 
 
 def _sides(sample: Sample) -> list[tuple[Single, int | None]]:
