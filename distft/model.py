@@ -287,6 +287,7 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     del hf_ds
     if cfg.lora.quantize_base is not None:
         quant.skip_quant_state_on_load(model)  # resume: the base's quant state is rebuilt
+        quant.keep_packed_layout(model)
     if cfg.model.neftune_alpha is not None:  # after peft: it may replace the embeddings
         neftune.attach(model, cfg.model.neftune_alpha)
     return model

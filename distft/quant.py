@@ -90,6 +90,19 @@ def skip_quant_state_on_load(model: torch.nn.Module) -> None:
     model.register_load_state_dict_pre_hook(drop)
 
 
+def keep_packed_layout(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks a 4-bit weight in place for
+    its CPU kernel at the first forward in eval mode without gradients (evaluation, the
+    export checks), and converts it back only when a state dict is taken. Under DeepSpeed
+    the weight's storage is ZeRO's (cast, partitioned, gathered for the forward), and the
+    repacked layout breaks the next checkpoint save (an assertion in bitsandbytes'
+    inverse) and makes the trained base's bytes depend on the CPU. Off: every machine
+    keeps the layout it quantised, and computes with the kernels every CPU has."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
+
+
 def _is_quant_state(key: str) -> bool:
     weight, _, rest = key.rpartition(".weight.")
     return bool(weight) and (rest in _STATE_SUFFIXES or rest.startswith("quant_state."))

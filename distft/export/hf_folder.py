@@ -172,6 +172,8 @@ def base_model(cfg: Config, dtype: torch.dtype = torch.float32, trained: bool = 
     )
     if vocab.customised(cfg):  # the embeddings grown as training grew them
         vocab.resize(model, cfg, load_tokenizer(cfg))
+    if q is not None:
+        quant.keep_packed_layout(model)  # the layout and kernels training used
     return model
 
 
