@@ -148,7 +148,10 @@ def test_qlora_model_on_cpu(tiny: Any) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == set(lora_names(model))
-    again = with_lora(base_model(cfg, trained=True), cfg)
+    model.eval()
+    with torch.no_grad():  # an eval-mode forward without gradients, as evaluation runs:
+        model(input_ids=ids)  # bitsandbytes' AVX512-BF16 path would repack in place here
+    again = with_lora(base_model(cfg, trained=True), cfg)  # as quantised, never run
     mine = {n: p for n, p in model.named_parameters() if ".base_layer." in n}
     theirs = dict(again.named_parameters())
     # Exact: the same bf16 weights quantised by the same deterministic kernel. Compared as
