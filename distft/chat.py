@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distft.errors import UserError
+from distft.model_files import is_reward_model
 from distft.rundir import is_run
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,7 +72,7 @@ def find_model(path: Path) -> ModelSource:
                 f"export a checkpoint with `distft export {path} --out DIR` and chat with DIR"
             )
         path = final
-    if _is_reward_model(path):
+    if is_reward_model(path):
         raise UserError(
             f"{path}: a reward model (a sequence classifier) scores text, it does not "
             "generate; load it with AutoModelForSequenceClassification"
@@ -84,19 +85,6 @@ def find_model(path: Path) -> ModelSource:
     raise UserError(
         f"{path}: no model in it (neither config.json with weights nor {ADAPTER_CONFIG})"
     )
-
-
-def _is_reward_model(path: Path) -> bool:
-    """An export of `objective.method: reward` (`distft.objectives.reward`)."""
-    try:
-        if (path / ADAPTER_CONFIG).is_file():
-            return json.loads((path / ADAPTER_CONFIG).read_text()).get("task_type") == "SEQ_CLS"
-        if (path / "config.json").is_file():
-            names = json.loads((path / "config.json").read_text()).get("architectures") or []
-            return any(str(a).endswith("ForSequenceClassification") for a in names)
-    except (OSError, ValueError, AttributeError):
-        return False  # reported by what reads it next
-    return False
 
 
 def _adapter_base(config: Path) -> str:

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distft.model_files import is_reward_model
+
 
 def eval_loss_keys(keys: Any) -> list[str]:
     """The eval losses among metric keys, in the report's order
@@ -93,10 +95,9 @@ def eval_changes(rows: list[dict[str, Any]]) -> list[str]:
 def load_snippet(final: Path) -> list[str]:
     """Three lines of Python that load the final model or LoRA adapter with plain
     transformers / peft (the tokenizer is saved beside it)."""
-    path = json.dumps(str(final))
-    adapter = final / "adapter_config.json"
-    if adapter.is_file():
-        if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":  # a reward model
+    path, reward = json.dumps(str(final)), is_reward_model(final)
+    if (final / "adapter_config.json").is_file():
+        if reward:
             return [
                 "from peft import AutoPeftModelForSequenceClassification as Auto; "
                 "from transformers import AutoTokenizer",
@@ -109,10 +110,6 @@ def load_snippet(final: Path) -> list[str]:
             f"model = AutoPeftModelForCausalLM.from_pretrained({path})  # base + adapter",
             f"tokenizer = AutoTokenizer.from_pretrained({path})",
         ]
-    config = (
-        json.loads((final / "config.json").read_text()) if (final / "config.json").is_file() else {}
-    )
-    reward = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
     cls = "AutoModelForSequenceClassification" if reward else "AutoModelForCausalLM"
     return [
         f"from transformers import {cls}, AutoTokenizer",

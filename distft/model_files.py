@@ -73,6 +73,22 @@ def check_model_config(folder: Path, trust_remote_code: bool = False) -> None:
     _check_model_type(config, config_file, trust_remote_code)
 
 
+def is_reward_model(folder: Path) -> bool:
+    """A model or adapter folder of `objective.method: reward`: a sequence classifier
+    (`config.json`'s architecture, or a peft adapter of task SEQ_CLS). False when neither
+    file reads (whoever loads the folder reports that)."""
+    try:
+        if (folder / "adapter_config.json").is_file():
+            config = json.loads((folder / "adapter_config.json").read_text())
+            return bool(config.get("task_type") == "SEQ_CLS")
+        if (folder / "config.json").is_file():
+            names = json.loads((folder / "config.json").read_text()).get("architectures") or []
+            return any(str(a).endswith("ForSequenceClassification") for a in names)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
+
+
 def _is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
 

@@ -38,6 +38,7 @@ from distft.export.consolidate import (
     plan_shards,
     read_layout,
 )
+from distft.model_files import is_reward_model
 from distft.tolerance import Kind
 
 
@@ -278,11 +279,9 @@ def _verify_merged(out: Path, ckpt: Path, cfg: Config, dtype: torch.dtype, input
 
 def _load_exported(out: Path) -> Any:
     """The export as a user loads it, in fp32 (exact for fp32, bf16 and fp16 weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(out)
-    seq_cls = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+    auto = AutoModelForSequenceClassification if is_reward_model(out) else AutoModelForCausalLM
     loaded: Any = auto.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     model, info = loaded
     bad = [
