@@ -1,17 +1,22 @@
 """Where a training step's time goes: py-spy samples of rank 0, distft beside the
 hand-written DeepSpeed loop, on the P1 workload (tiny Llama, 2 workers, ZeRO-2 fp32).
 
-    python -m bench.where_time_goes [--steps 400] [--seconds 15] [--out DIR]
+    python -m bench.where_time_goes [--steps 400] [--seconds 15] [--torchrun] [--out DIR]
 
 Each contender runs long enough for py-spy (`--idle`, so waits in collectives count too)
 to sample `--seconds` of steady-state steps; the table gives each direct callee of the
 loop's function (distft's `train`, the baseline's `main`) as a share of the loop's samples.
+`--torchrun` runs distft's worker under torchrun (`bench.worker_torchrun`, no Ray), as the
+baseline runs. Each contender's CPU seconds per step (all processes under its launcher,
+every thread) are printed beside it: on a machine whose cores the ranks fill, CPU time is
+what a contender takes from the others, and it is less noisy than a step's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import shutil
 import subprocess
@@ -19,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from bench import harness as h
@@ -44,8 +50,23 @@ def breakdown(raw: Path, anchor: str) -> dict[str, float]:
     return {k: v / total for k, v in by_callee.most_common()}
 
 
-def record(proc: subprocess.Popen, find_pid, log: Path, seconds: int, out: Path) -> Path:
-    """Wait for the contender's 20th step, then sample its rank 0 for `seconds`."""
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def record(
+    proc: subprocess.Popen, find_pid, log: Path, seconds: int, out: Path, step_times
+) -> tuple[Path, float]:
+    """Wait for the contender's 20th step, then sample its rank 0 for `seconds`. Also
+    returns the CPU seconds per step of every process under `proc` over that window
+    (`step_times()`: when each step ended, read once the contender has finished)."""
     deadline = time.time() + 600
     pid = None
     while pid is None:
@@ -56,9 +77,29 @@ def record(proc: subprocess.Popen, find_pid, log: Path, seconds: int, out: Path)
     raw = out.with_suffix(".raw")
     cmd = [PY_SPY, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--idle",
            "-f", "raw", "-o", str(raw)]  # fmt: skip
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    cpu0, t0 = _cpu_s(tree), time.time()
     subprocess.run(cmd, check=True, capture_output=True)
+    cpu1, t1 = _cpu_s(tree), time.time()
     proc.wait()
-    return raw
+    steps = sum(t0 <= t <= t1 for t in step_times())
+    return raw, (cpu1 - cpu0) / max(steps, 1)
+
+
+def _rank0_pid(launcher: int) -> int | None:
+    """The torchrun child whose RANK is 0."""
+    for child in psutil.Process(launcher).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == "0":
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def _torchrun() -> list[str]:
+    return [h.PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--master_addr=127.0.0.1", f"--master_port={h.free_port()}"]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--out", type=Path)
+    p.add_argument("--torchrun", action="store_true", help="distft's worker without Ray")
     args = p.parse_args(argv)
     if not shutil.which(PY_SPY):
         raise SystemExit("py-spy is not installed: pip install py-spy (the dev extra has it)")
@@ -87,18 +129,28 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "bench-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / "train.log"
+    config = str(work / "bench-config.yaml")
+    distft_cmd = (
+        [*_torchrun(), "-m", "bench.worker_torchrun", config]
+        if args.torchrun
+        else [h.DISTFT, "train", config]
+    )
     with log.open("w") as f:
-        proc = subprocess.Popen([h.DISTFT, "train", str(work / "bench-config.yaml")], cwd=h.REPO,
-                                stdout=f, stderr=subprocess.STDOUT, env=h.child_env())  # fmt: skip
+        proc = subprocess.Popen(distft_cmd, cwd=h.REPO, stdout=f, stderr=subprocess.STDOUT,
+                                env=h.child_env({"OMP_NUM_THREADS": "1"}))  # fmt: skip
 
     def distft_pid(text: str) -> int | None:
+        if args.torchrun:
+            return _rank0_pid(proc.pid) if re.search(r"step +20/", text) else None
         m = re.search(r"RayTrainWorker pid=(\d+)\)\S* \[distft\] step +20/", text)
         return int(m.group(1)) if m else None
 
-    shares = {"distft": breakdown(record(proc, distft_pid, log, args.seconds, work), "train (")}
+    raw, cpu = record(proc, distft_pid, log, args.seconds, work,
+                      lambda: h.metric_rows(out, "time"))  # fmt: skip
+    shares = {"distft": breakdown(raw, "train (")}
+    cpu_per_step = {"distft": cpu}
     hand_log = root / "hand.log"
-    cmd = [h.PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={h.free_port()}", "-m", "bench.ds_loop",
+    cmd = [*_torchrun(), "-m", "bench.ds_loop",
            "--model", str(s.assets.model_dir), "--data", str(data),
            "--out", str(root / "hand.json"), "--steps", str(args.steps), "--print-pid"]  # fmt: skip
     with hand_log.open("w") as f:
@@ -109,10 +161,17 @@ def main(argv: list[str] | None = None) -> None:
         m = re.search(r"RANK0_PID (\d+) step 20\b", text)
         return int(m.group(1)) if m else None
 
-    shares["hand"] = breakdown(record(proc, hand_pid, hand_log, args.seconds, root / "hand"),
-                               "main (bench/ds_loop.py")  # fmt: skip
+    def hand_times() -> list[float]:
+        return json.loads((root / "hand.json").read_text())["step_times"]
+
+    raw, cpu_per_step["hand"] = record(proc, hand_pid, hand_log, args.seconds, root / "hand",
+                                       hand_times)  # fmt: skip
+    shares["hand"] = breakdown(raw, "main (bench/ds_loop.py")
     for name, by_callee in shares.items():
-        print(f"\n{name}: share of rank 0's loop samples by direct callee")
+        print(
+            f"\n{name}: {1000 * cpu_per_step[name]:.1f} CPU-ms per step (all processes); "
+            "share of rank 0's loop samples by direct callee"
+        )
         for callee, share in list(by_callee.items())[:12]:
             print(f"  {100 * share:5.1f}%  {callee}")
 

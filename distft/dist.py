@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,65 @@ class DistContext:
         if tdist.is_initialized() and self.world_size > 1:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t.tolist()
+
+    def sum_later(self, summed: torch.Tensor, kept: torch.Tensor) -> PendingSum:
+        """Start an all-reduce (sum) of `summed` and read it, with `kept` (this rank's own
+        values, not reduced), when `PendingSum.result` is called: neither the collective
+        nor the copy to the host makes the caller wait now. Both are 1-D on the device."""
+        reduce = tdist.is_initialized() and self.world_size > 1
+        summed, kept = summed.to(torch.float64, copy=True), kept.to(torch.float64, copy=True)
+        return PendingSum(summed, kept, reduce)  # copies: the caller may reuse its tensors
+
+    def on_device(self, values: list[float]) -> torch.Tensor:
+        """Host floats as a float64 tensor on the device, copied without waiting for the
+        device (pinned memory, non-blocking) on a GPU."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+
+class PendingSum:
+    """An all-reduce (sum) in flight and its values once read (`DistContext.sum_later`).
+
+    The training loop reads a step's scalars (loss, metric sums, the vote to stop) one step
+    later, so no step ends in a wait: on CPU, gloo runs the collective on its own thread
+    while the next step computes, and the ranks do not meet in lockstep once more per step;
+    on a GPU, NCCL's collective and the copy to pinned host memory are queued on the stream
+    behind the step, an event marks them, and the host queues the next step's kernels
+    meanwhile instead of idling the GPU while it syncs. `result` may be called from any
+    thread, any number of times."""
+
+    def __init__(self, summed: torch.Tensor, kept: torch.Tensor, reduce: bool):
+        self._n = summed.numel()
+        self._work = (
+            tdist.all_reduce(summed, op=tdist.ReduceOp.SUM, async_op=True) if reduce else None
+        )
+        self._both: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+        self._parts = (summed, kept)
+        if summed.device.type == "cuda":
+            if self._work is not None:
+                self._work.wait()  # NCCL: the current stream waits for it, the host does not
+                self._work = None
+            self._both = torch.cat([summed, kept]).to("cpu", non_blocking=True)  # pinned
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._values: list[float] | None = None
+        self._lock = threading.Lock()
+
+    def result(self) -> tuple[list[float], list[float]]:
+        """(the sums over ranks, this rank's kept values); waits for them if need be."""
+        with self._lock:
+            if self._values is None:
+                if self._event is not None and self._both is not None:
+                    self._event.synchronize()
+                    self._values = self._both.tolist()
+                else:
+                    if self._work is not None:
+                        self._work.wait()
+                    self._values = torch.cat(self._parts).tolist()
+        return self._values[: self._n], self._values[self._n :]
 
 
 def _prefer_own_ninja() -> None:

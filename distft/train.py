@@ -22,10 +22,14 @@ The next step's micro-batches are collated in a background thread while a step r
 (`distft.data.prefetch`: one step ahead) and moved to the device one micro-batch at a
 time; metrics are written by the logger's own thread (`distft.metrics.writer`).
 
-Communication per step beyond DeepSpeed's own: one all-reduce after the optimizer step
-(loss for the metrics, each rank's peak memory, and the vote to stop). Each step and
-in-loop eval is a phase of the hang watchdog (`distft.watchdog`): a clock read, no
-communication.
+Communication per step beyond DeepSpeed's own: one all-reduce started after the optimizer
+step (loss and metric sums, each rank's peak memory, and the vote to stop) and read one
+step later (`StepRow`, `DistContext.sum_later`): no step ends waiting for it, and on a GPU
+the host never syncs with the device inside the loop, so it queues the next step's kernels
+while the last ones run. A preemption vote therefore stops the ranks one step after it
+was cast (all on the same step); a checkpoint's flush still writes its step's row first.
+Each step and in-loop eval is a phase of the hang watchdog (`distft.watchdog`): a clock
+read, no communication.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from distft import faults, watchdog
 from distft.config import Config
 from distft.console_lines import progress_line
 from distft.data import Batch, TrainBatches
+from distft.data.loader import StepTotals
 from distft.data.prefetch import Prefetcher
-from distft.dist import DistContext
+from distft.dist import DistContext, PendingSum
 from distft.flops import Throughput
 from distft.metrics import MetricsLogger
 from distft.objectives import Objective
@@ -95,17 +100,18 @@ def train(
 ) -> dict[str, float]:
     """Run optimizer steps `start_step..data.total_steps`. `stop_requested()` is this
     rank's wish to stop (preemption), agreed on in the step's all-reduce;
-    `on_step_end(step, metrics, any_rank_asked_to_stop)` (checkpoints, early stops) returns
-    True to stop. Returns the last step's metrics."""
+    `on_step_end(step, eval_metrics, any_rank_asked_to_stop)` (checkpoints, early stops)
+    returns True to stop; the vote it gets is the previous step's (read one step late, as
+    all the step's scalars are: `StepRow`), except at the last step, which reads its own.
+    Returns the last step's metrics."""
     world = dist.dp_world_size  # what DeepSpeed divides the summed gradients by
     progress = _progress(dist, start_step, data.total_steps, cfg.logging.every_n_steps)
     perf = Throughput.for_run(cfg, engine.module, dist)  # FLOPs, MFU, memory
     engine.module.train()
-    summary: dict[str, float] = {}
-    step = start_step
+    step, previous = start_step, None
     with Prefetcher(data, dist.device) as batches:  # the next step's, collated meanwhile
         while step < data.total_steps:
-            watchdog.begin("step", step + 1)  # ended after the step's all-reduce
+            watchdog.begin("step", step + 1)  # ended once the previous step's row is read
             faults.maybe_hang(step + 1, dist.rank, cfg.output_dir)
             t0 = time.perf_counter()
             micro_batches = batches.take(step)  # host (pinned), or in place on CPU
@@ -127,62 +133,113 @@ def train(
                     sums[i] += out.sums[key]
             step += 1
 
-            own = [loss_sum.item(), *sums.tolist(), float(stop_requested())]
-            loss_total, *reduced = dist.sum([*own, *perf.memory_by_rank()])
-            n = len(objective.metrics)
-            method_sums, stop_votes, peak_mem = reduced[:n], reduced[n], reduced[n + 1 :]
+            # The step's scalars, all-reduced while the next step runs (no wait here)
+            host = [float(stop_requested()), *perf.memory_by_rank()]
+            norm = _grad_norm(engine, own_norm)
+            pending = dist.sum_later(
+                torch.cat([loss_sum.view(1).double(), sums.double(), dist.on_device(host)]),
+                norm.view(1) if isinstance(norm, torch.Tensor) else sums.new_zeros(0),
+            )
             dt = time.perf_counter() - t0
+            row = StepRow(step, dt, totals, data, objective.metrics, pending, perf)
+            row.fixed["train/lr"] = engine.get_lr()[0]
+            if isinstance(norm, float):
+                row.fixed["train/grad_norm"] = norm
+            votes = row.stop_votes() if step == data.total_steps else 0.0  # the last: now
+            if previous is not None:
+                votes += previous.stop_votes()
+                progress(previous.step, previous.metrics())
             watchdog.end()
-            grad_norm = _grad_norm(engine, own_norm)
-            metrics = {
-                "train/loss": loss_total / totals.targets,
-                **{
-                    f"train/{k}": v / totals.targets
-                    for k, v in zip(objective.metrics, method_sums, strict=True)
-                },
-                "train/lr": engine.get_lr()[0],
-                **({"train/grad_norm": grad_norm} if grad_norm is not None else {}),
-                "train/step_time_s": dt,
-                "train/target_tokens_per_s": totals.targets / dt,
-                "train/tokens_per_s": totals.tokens / dt,
-                "train/samples_seen": data.samples_seen(step),
-                "train/epoch": step / data.steps_per_epoch,
-                **perf.metrics(dt, totals.tokens, perf.flops(totals), peak_mem),
-            }
             if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and eval_data:
                 with watchdog.phase("eval", step):
-                    metrics.update(evaluate_all(engine, eval_data, dist, objective))
+                    row.evals = evaluate_all(engine, eval_data, dist, objective)
             if step % cfg.logging.every_n_steps == 0 or step == data.total_steps:
-                logger.log(metrics, step)  # written by the logger's thread
-            progress(step, metrics)
-            summary = metrics
-            if on_step_end(step, metrics, stop_votes > 0):
+                logger.log(row.metrics, step)  # read and written by the logger's thread
+            previous = row
+            if on_step_end(step, row.evals, votes > 0):
                 break
-    return summary
+    if previous is None:
+        return {}
+    progress(previous.step, previous.metrics())
+    return previous.metrics()
 
 
-def _norm_deepspeed_does_not_report(engine: Any) -> float | None:
+class StepRow:
+    """One step's metrics, read when first asked for (`metrics`): its scalars arrive with
+    the all-reduce started at its end (`DistContext.sum_later`), which the loop reads a
+    step later, the logger's thread when it writes the row, or a flush before a
+    checkpoint commits (so metrics.jsonl is never behind a committed step)."""
+
+    def __init__(
+        self,
+        step: int,
+        dt: float,
+        totals: StepTotals,
+        data: TrainBatches,
+        names: tuple[str, ...],
+        pending: PendingSum,
+        perf: Throughput,
+    ):
+        """`pending`: [loss sum, the objective's metric sums (`names`), stop vote, each
+        rank's peak memory] summed over ranks, and [the grad norm] if it is a tensor."""
+        self.step, self._dt, self._totals, self._names = step, dt, totals, names
+        self._pending, self._perf = pending, perf
+        self.fixed = {  # known now, on the host
+            "train/step_time_s": dt,
+            "train/target_tokens_per_s": totals.targets / dt,
+            "train/tokens_per_s": totals.tokens / dt,
+            "train/samples_seen": data.samples_seen(step),
+            "train/epoch": step / data.steps_per_epoch,
+        }
+        self.evals: dict[str, float] = {}  # measured at this step, synchronously
+        self._metrics: dict[str, float] | None = None
+
+    def stop_votes(self) -> float:
+        return self._pending.result()[0][1 + len(self._names)]
+
+    def metrics(self) -> dict[str, float]:
+        if self._metrics is None:  # two threads may both build it: the same dict
+            self._metrics = self._build()
+        return self._metrics
+
+    def _build(self) -> dict[str, float]:
+        summed, kept = self._pending.result()
+        n, targets, perf = len(self._names), self._totals.targets, self._perf
+        loss_total, method_sums, peak_mem = summed[0], summed[1 : 1 + n], summed[2 + n :]
+        return {
+            "train/loss": loss_total / targets,
+            **{f"train/{k}": v / targets for k, v in zip(self._names, method_sums, strict=True)},
+            **({"train/grad_norm": kept[0]} if kept else {}),
+            **self.fixed,
+            **perf.metrics(self._dt, self._totals.tokens, perf.flops(self._totals), peak_mem),
+            **self.evals,
+        }
+
+
+def _norm_deepspeed_does_not_report(engine: Any) -> torch.Tensor | None:
     """Before the boundary's `engine.step()`: the global gradient norm when DeepSpeed will
     not report one, else None. Its ZeRO and bf16/fp16 optimizers measure the norm, clipping
     or not; without ZeRO in fp32 it steps the torch optimizer itself and reports None
     (`get_global_grad_norm` copies the optimizer's `_global_grad_norm`). The gradients are
-    all-reduced by the boundary's backward, so every rank computes the same norm."""
+    all-reduced by the boundary's backward, so every rank computes the same norm. A tensor
+    on the device: read with the step's other scalars, without a sync now."""
     if hasattr(engine.optimizer, "_global_grad_norm"):
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return None
     norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
-    return float(torch.linalg.vector_norm(norms))
+    return torch.linalg.vector_norm(norms)
 
 
-def _grad_norm(engine: Any, own_norm: float | None) -> float | None:
+def _grad_norm(engine: Any, own_norm: torch.Tensor | None) -> torch.Tensor | float | None:
     """The step's gradient norm before clipping; None (not logged) where nobody measured
-    it (ZeRO-1/2 with a raw `compute_grad_norm: false`)."""
+    it (ZeRO-1/2 with a raw `compute_grad_norm: false`). A device tensor stays one (read
+    later, with the step's all-reduce); DeepSpeed's float, a float."""
     norm = engine.get_global_grad_norm()
     if norm is None:
         return own_norm
-    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+    return norm.float() if isinstance(norm, torch.Tensor) else float(norm)
 
 
 def _progress(dist: DistContext, start: int, total: int, every: int) -> Callable[[int, dict], None]:

@@ -85,13 +85,13 @@ def run_worker(train_loop_config: dict[str, Any]) -> None:
     stopped_by: list[str] = []
     drain: list[str] = []  # a Ray node drain this rank was told of (preempt.drain_announced)
 
-    def on_step_end(step: int, metrics: dict[str, float], preempted: bool) -> bool:
+    def on_step_end(step: int, evals: dict[str, float], preempted: bool) -> bool:
         """Checkpoint cadence and early stops; True stops the loop (the same on all ranks:
-        `preempted` is the loop's all-reduced vote)."""
+        `preempted` is the loop's all-reduced vote). `evals`: measured at this step."""
         state.step, state.epoch = step, batches.epoch_of(step)
         state.samples_seen = batches.samples_seen(step)
-        if best_key in metrics:  # measured at this step: a keep_best candidate
-            state.record_eval(metrics[best_key])
+        if best_key in evals:  # measured at this step: a keep_best candidate
+            state.record_eval(evals[best_key])
         if preempted:
             stopped_by.append("preemption")
         elif step == cfg.batch.stop_after_steps and step < batches.total_steps:

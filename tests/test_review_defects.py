@@ -151,8 +151,10 @@ for stage in (0, 2):
     engine.backward(engine(x).pow(2).sum())
     own = _norm_deepspeed_does_not_report(engine)
     engine.step()
+    logged = _grad_norm(engine, own)  # a device tensor, or DeepSpeed's float
     out[stage] = {"deepspeed": engine.get_global_grad_norm() is not None,
-                  "own": own, "logged": _grad_norm(engine, own)}
+                  "own": None if own is None else float(own),
+                  "logged": None if logged is None else float(logged)}
 print("RESULT " + json.dumps(out))
 """
 

@@ -2,9 +2,10 @@
 
 The driver (`distft train`) turns SIGTERM/SIGINT into a flag file in the output dir
 (shared storage on multi-node runs). Each rank checks the flag after every optimizer
-step and the ranks agree with one all-reduce, so all of them stop at the same step,
-save, and return. The driver then exits with EXIT_PREEMPTED; `launch/slurm` requeues
-on that code, and the restarted run resumes from the checkpoint exactly.
+step and the ranks agree in the step's all-reduce (read one step later, `distft.train`),
+so all of them stop at the same step, save, and return. The driver then exits with
+EXIT_PREEMPTED; `launch/slurm` requeues on that code, and the restarted run resumes from
+the checkpoint exactly.
 
 A Ray node drain (spot preemption: `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`)
 is the same stop without a signal: each rank also votes to stop once Ray announces a drain

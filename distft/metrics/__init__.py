@@ -13,7 +13,7 @@ from distft.dist import DistContext
 from distft.metrics import mlflow, tensorboard, wandb
 from distft.metrics.jsonl import JsonlLogger, read_jsonl
 from distft.metrics.wandb import WandbLogger, wandb_mode, wandb_run_id
-from distft.metrics.writer import BackgroundLogger
+from distft.metrics.writer import BackgroundLogger, Row
 
 __all__ = [
     "BackgroundLogger",
@@ -21,6 +21,7 @@ __all__ = [
     "JsonlLogger",
     "MetricsLogger",
     "NullLogger",
+    "Row",
     "SkipLogged",
     "Tracker",
     "WandbLogger",
@@ -39,15 +40,20 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
-class MetricsLogger(Tracker, Protocol):
-    """What the loop and the worker log through; `flush` returns once every row logged
-    so far is written (before a checkpoint commits)."""
+class MetricsLogger(Protocol):
+    """What the loop and the worker log through: a row is the metrics or a function that
+    returns them (`writer.Row`); `flush` returns once every row logged so far is written
+    (before a checkpoint commits)."""
+
+    def log(self, metrics: Row, step: int) -> None: ...
 
     def flush(self) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class NullLogger:
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: Row, step: int) -> None:
         pass
 
     def flush(self) -> None:
