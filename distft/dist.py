@@ -90,8 +90,8 @@ class PendingSum:
     later, so no step ends in a wait: on CPU, gloo runs the collective on its own thread
     while the next step computes, and the ranks do not meet in lockstep once more per step;
     on a GPU, NCCL's collective and the copy to pinned host memory are queued on the stream
-    behind the step, an event marks them, and the host queues the next step's kernels
-    meanwhile instead of idling the GPU while it syncs. `result` may be called from any
+    behind the step and an event marks them: reading them waits for that step alone, not
+    for the kernels queued after it. `result` may be called from any
     thread, any number of times."""
 
     def __init__(self, summed: torch.Tensor, kept: torch.Tensor, reduce: bool):
