@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import types
@@ -111,11 +112,31 @@ ray.init(address=sys.argv[1], logging_level="ERROR")
 ip = sys.argv[2]
 print([n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ip][0])
 """
+# Started before the drain and polling from then on: the node is draining only until its
+# workers have left it (then it is drained and gone), which on a fast run can be sooner than
+# a new Python process takes to import Ray once `ray drain-node` has returned.
 _DRAINING = """
-import json, sys, ray._raylet
-nodes = ray._raylet.GcsClient(address=sys.argv[1]).get_draining_nodes(timeout=30)
-print(json.dumps({getattr(k, "hex", lambda: k)(): v for k, v in nodes.items()}))
+import json, sys, time, ray._raylet
+client = ray._raylet.GcsClient(address=sys.argv[1])
+client.get_draining_nodes(timeout=30)  # connected
+print("ready", flush=True)
+deadline, nodes = time.monotonic() + float(sys.argv[2]), {}
+while not nodes and time.monotonic() < deadline:
+    nodes = client.get_draining_nodes(timeout=30)
+    time.sleep(0.05)  # polling Ray's state: GCS offers nothing to wait on
+print(json.dumps({getattr(k, "hex", lambda: k)(): v for k, v in nodes.items()}), flush=True)
 """
+
+
+def _watch_draining(host: netns_fixture.Host, env: dict[str, str]) -> subprocess.Popen:
+    """A process on `host` that prints the first non-empty set of draining nodes it sees
+    (node id -> deadline in ms), or {} after 120 s; returned once it is polling."""
+    cmd = host.argv([sys.executable, "-c", _DRAINING, HEAD, "120"])
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
 
 
 def _python(host: netns_fixture.Host, code: str, *args: str, env: dict[str, str]) -> str:
@@ -148,7 +169,7 @@ def test_ray_drain_commits_a_checkpoint_and_resumes_on_the_other_node(
         )
         log = tmp_path / "train.log"
         proc = start_train(h1, cfg, log, env)
-        drained_after = None
+        drained_after, watcher = None, None
         draining: dict[str, int] = {}
         try:
             deadline = time.monotonic() + 300
@@ -156,6 +177,7 @@ def test_ray_drain_commits_a_checkpoint_and_resumes_on_the_other_node(
                 # As soon as the workers are up: `ray drain-node` alone takes 5-20 s here
                 # (CLI start-up on a loaded machine), about as long as the 30 steps.
                 if launches(out):
+                    watcher = _watch_draining(h1, env)
                     t_drain, asked_at = time.monotonic(), time.time()
                     drained_after = max(losses(out), default=0)
                     ray = str(Path(sys.executable).with_name("ray"))
@@ -168,14 +190,15 @@ def test_ray_drain_commits_a_checkpoint_and_resumes_on_the_other_node(
                     )  # fmt: skip
                     assert drain.returncode == 0, drain.stdout + drain.stderr
                     t_drain = time.monotonic() - t_drain
-                    draining = json.loads(_python(h1, _DRAINING, HEAD, env=env))
+                    draining = json.loads(watcher.communicate(timeout=150)[0].splitlines()[-1])
                     break
                 time.sleep(0.05)
             proc.wait(timeout=300)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            for started in (proc, watcher):
+                if started is not None and started.poll() is None:
+                    started.kill()
+                    started.wait()
     text = log.read_text(errors="replace")
     elapsed = time.monotonic() - t0
     where = f"drained host 2 after step {drained_after}"
