@@ -137,15 +137,22 @@ def train(
             # The step's scalars, all-reduced while the next step runs (no wait here)
             host = [float(stop_requested()), *perf.memory_by_rank()]
             norm = _grad_norm(engine, own_norm)
+            if isinstance(norm, float):
+                norm = dist.on_device([norm])
             pending = dist.sum_later(
                 torch.cat([loss_sum.view(1).double(), sums.double(), dist.on_device(host)]),
-                norm.view(1) if isinstance(norm, torch.Tensor) else sums.new_zeros(0),
+                sums.new_zeros(0) if norm is None else norm.view(1),
             )
             dt = time.perf_counter() - t0
-            row = StepRow(step, dt, totals, data, objective.metrics, pending, perf)
-            row.fixed["train/lr"] = engine.get_lr()[0]
-            if isinstance(norm, float):
-                row.fixed["train/grad_norm"] = norm
+            known = {  # on the host now
+                "train/lr": engine.get_lr()[0],
+                "train/step_time_s": dt,
+                "train/target_tokens_per_s": totals.targets / dt,
+                "train/tokens_per_s": totals.tokens / dt,
+                "train/samples_seen": data.samples_seen(step),
+                "train/epoch": step / data.steps_per_epoch,
+            }
+            row = StepRow(step, dt, totals, objective.metrics, pending, perf, known)
             votes = row.stop_votes() if step == data.total_steps else 0.0  # the last: now
             if previous is not None:
                 votes += previous.stop_votes()
@@ -176,22 +183,16 @@ class StepRow:
         step: int,
         dt: float,
         totals: StepTotals,
-        data: TrainBatches,
         names: tuple[str, ...],
         pending: PendingSum,
         perf: Throughput,
+        known: dict[str, float],
     ):
         """`pending`: [loss sum, the objective's metric sums (`names`), stop vote, each
-        rank's peak memory] summed over ranks, and [the grad norm] if it is a tensor."""
+        rank's peak memory] summed over ranks, and [the grad norm] where one was measured;
+        `known`: the metrics the host has already."""
         self.step, self._dt, self._totals, self._names = step, dt, totals, names
-        self._pending, self._perf = pending, perf
-        self.fixed = {  # known now, on the host
-            "train/step_time_s": dt,
-            "train/target_tokens_per_s": totals.targets / dt,
-            "train/tokens_per_s": totals.tokens / dt,
-            "train/samples_seen": data.samples_seen(step),
-            "train/epoch": step / data.steps_per_epoch,
-        }
+        self._pending, self._perf, self._known = pending, perf, known
         self.evals: dict[str, float] = {}  # measured at this step, synchronously
         self._metrics: dict[str, float] | None = None
 
@@ -211,7 +212,7 @@ class StepRow:
             "train/loss": loss_total / targets,
             **{f"train/{k}": v / targets for k, v in zip(self._names, method_sums, strict=True)},
             **({"train/grad_norm": kept[0]} if kept else {}),
-            **self.fixed,
+            **self._known,
             **perf.metrics(self._dt, self._totals.tokens, perf.flops(self._totals), peak_mem),
             **self.evals,
         }
@@ -236,7 +237,7 @@ def _norm_deepspeed_does_not_report(engine: Any) -> torch.Tensor | None:
 def _grad_norm(engine: Any, own_norm: torch.Tensor | None) -> torch.Tensor | float | None:
     """The step's gradient norm before clipping; None (not logged) where nobody measured
     it (ZeRO-1/2 with a raw `compute_grad_norm: false`). A device tensor stays one (read
-    later, with the step's all-reduce); DeepSpeed's float, a float."""
+    later, with the step's all-reduce); DeepSpeed's float stays a float."""
     norm = engine.get_global_grad_norm()
     if norm is None:
         return own_norm
