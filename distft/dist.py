@@ -60,11 +60,10 @@ class DistContext:
             tdist.barrier()
 
     def sum(self, values: list[float]) -> list[float]:
-        """All-reduce (sum) a few scalars across ranks in one collective, in float64."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if tdist.is_initialized() and self.world_size > 1:
-            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-        return t.tolist()
+        """All-reduce (sum) a few scalars across ranks in one collective, in float64, and
+        wait for it (`sum_later`, read at once)."""
+        t = self.on_device(values)
+        return self.sum_later(t, t.new_zeros(0)).result()[0]
 
     def sum_later(self, summed: torch.Tensor, kept: torch.Tensor) -> PendingSum:
         """Start an all-reduce (sum) of `summed` and read it, with `kept` (this rank's own

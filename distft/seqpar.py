@@ -37,12 +37,12 @@ import torch.nn.functional as F
 
 from distft.config import Config
 from distft.data import IGNORE, Batch, TrainBatches, eval_batches
+from distft.data.batch import shifted_targets
 from distft.data.loader import resolve_batching
 from distft.data.pairs import PairSplit
 from distft.data.store import Split
 from distft.dist import DistContext
 from distft.errors import UserError
-from distft.objectives import shifted_targets
 
 # The attention functions Ulysses replaced in transformers' registry, by implementation.
 _PLAIN: dict[str, Callable[..., Any]] = {}

@@ -25,10 +25,10 @@ time; metrics are written by the logger's own thread (`distft.metrics.writer`).
 Communication per step beyond DeepSpeed's own: one all-reduce started after the optimizer
 step (loss and metric sums, each rank's peak memory, and the vote to stop) and read one
 step later (`StepRow`, `DistContext.sum_later`): no step ends waiting for it, and on a GPU
-neither it nor the gradient norm makes the host wait for the device at the step's end (the
-objective's target count and row selection still read the labels on the device once per
-micro-batch). A preemption vote therefore stops the ranks one step after it
-was cast (all on the same step); a checkpoint's flush still writes its step's row first.
+neither it nor the gradient norm makes the host wait for the device at the step's end (nor
+do the objectives: `distft.data.batch.Targets`, found on the host). A preemption vote
+therefore stops the ranks one step after it was cast (all on the same step); a
+checkpoint's flush still writes its step's row first.
 Each step and in-loop eval is a phase of the hang watchdog (`distft.watchdog`): a clock
 read, no communication.
 """

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from distft.data.tokenize import IGNORE
 
@@ -20,6 +21,38 @@ Row = list[tuple[np.ndarray, np.ndarray]]  # the (ids, labels) samples of one ro
 
 
 MASKS = {"sdpa": "bool", "eager": "additive"}  # the 4-D mask each attention takes
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The token each position predicts (IGNORE where none is trained)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where a batch's targets are, found once where the batch is built (collation, on the
+    host). The objectives select the target rows with `index_select` on this index, whose
+    length the host knows, instead of a boolean mask: on a GPU a mask's count (and
+    `bincount`, `max`, `.item()`) makes the host wait for the device."""
+
+    shape: tuple[int, int]  # (rows, length) of the batch's positions
+    index: torch.Tensor  # flat position (row * length + column) of each target, ascending
+    tokens: torch.Tensor  # the token each of those positions predicts
+    n_seqs: int  # sequences numbered in `seq_ids` (0 without)
+
+    @classmethod
+    def of(
+        cls, labels: torch.Tensor, shift_labels: torch.Tensor | None, seq_ids: torch.Tensor | None
+    ) -> Targets:
+        predicted = shifted_targets(labels) if shift_labels is None else shift_labels
+        flat = predicted.reshape(-1)
+        index = torch.nonzero(flat != IGNORE).view(-1)
+        n_seqs = int(seq_ids.max()) + 1 if seq_ids is not None and seq_ids.numel() else 0
+        rows, length = predicted.shape
+        return cls((rows, length), index, flat.index_select(0, index), n_seqs)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Targets:
+        return Targets(self.shape, fn(self.index), fn(self.tokens), self.n_seqs)
 
 
 @dataclass(frozen=True)
@@ -44,17 +77,28 @@ class Batch:
     # summed response log-probs of each sequence (None: not precomputed).
     seq_ids: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    # Found from the labels when the batch is built (None here) and carried along by `to`
+    # and `pin_memory`: read it as `targets`.
+    found: Targets | None = None
+
+    def __post_init__(self) -> None:
+        if self.found is None:  # where the batch is built: on the host, once
+            targets = Targets.of(self.labels, self.shift_labels, self.seq_ids)
+            object.__setattr__(self, "found", targets)
+
+    @property
+    def targets(self) -> Targets:
+        assert self.found is not None  # __post_init__
+        return self.found
 
     @property
     def n_seqs(self) -> int:
-        return 0 if self.seq_ids is None else int(self.seq_ids.max()) + 1
+        return self.targets.n_seqs
 
     @property
     def n_targets(self) -> int:
         """Tokens that contribute to the loss (labels are shifted by one)."""
-        if self.shift_labels is not None:
-            return int((self.shift_labels != IGNORE).sum())
-        return int((self.labels[:, 1:] != IGNORE).sum())
+        return self.targets.index.numel()
 
     def model_inputs(self) -> dict[str, torch.Tensor | bool]:
         out: dict[str, torch.Tensor | bool] = {"input_ids": self.input_ids}
@@ -97,6 +141,7 @@ class Batch:
             self.mask,
             each(self.seq_ids),
             each(self.ref_logps),
+            self.targets.map(fn),
         )
 
 

@@ -17,9 +17,10 @@ loop does not branch on the method.
 
 from __future__ import annotations
 
+from distft.data.batch import shifted_targets
 from distft.objectives.base import Loss, Objective
 from distft.objectives.head import head_plan, output_head, rows_of
-from distft.objectives.sft import nll_sum, shifted_targets
+from distft.objectives.sft import nll_sum
 
 __all__ = [
     "Loss",

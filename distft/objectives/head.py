@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from distft.data import Batch
+from distft.data.batch import Targets
 from distft.objectives.chunked_ce import Epilogue
 
 
@@ -44,18 +45,20 @@ def output_head(model: Any) -> torch.nn.Module | None:
 
 
 @contextmanager
-def rows_of(head: torch.nn.Module | None, keep: torch.Tensor) -> Iterator[bool]:
-    """While active, `head` sees only the hidden states where `keep` (rows x length) is
-    true, flattened to (kept, hidden). Yields whether the head was found."""
+def rows_of(head: torch.nn.Module | None, targets: Targets) -> Iterator[bool]:
+    """While active, `head` sees only the hidden states of the target positions, flattened
+    to (targets, hidden) in `targets.index` order. Yields whether the head was found.
+    (`index_select` on an index built on the host: no wait for the device to count a
+    mask.)"""
     if head is None:
         yield False
         return
 
     def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         hidden = args[0]
-        if hidden.dim() != 3 or hidden.shape[:2] != keep.shape:  # not the LM's own call
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != targets.shape:  # not the LM's
             return args
-        return (hidden[keep], *args[1:])
+        return (hidden.flatten(0, 1).index_select(0, targets.index), *args[1:])
 
     handle = head.register_forward_pre_hook(select)
     try:

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from distft.config.objective import ObjectiveConfig
-from distft.data import IGNORE, Batch
+from distft.data import Batch
 from distft.objectives import losses
 from distft.objectives.base import Loss
 from distft.objectives.head import output_head, rows_of
 from distft.objectives.losses import PairLogps
-from distft.objectives.sft import shifted_targets
 
 METRICS: tuple[str, ...] = (
     "rewards/chosen",
@@ -44,18 +43,15 @@ def sequence_logps(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     `(batch.n_seqs,)`), in `seq_ids` order."""
     if batch.seq_ids is None:
         raise ValueError("a preference objective needs batches of pairs (seq_ids)")
-    targets = shifted_targets(batch.labels)
-    keep = targets != IGNORE
-    with rows_of(output_head(model), keep) as selected:
+    targets = batch.targets  # found on the host: nothing here waits for a GPU
+    with rows_of(output_head(model), targets) as selected:
         logits = model(**batch.model_inputs()).logits
     if not selected:  # no head to hook: every position's logits came back
-        logits = logits[keep]
-    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    seq = batch.seq_ids[keep]
-    n = batch.n_seqs
-    sums = torch.zeros(n, dtype=torch.float32, device=token_logps.device)
-    sums = sums.index_add(0, seq, token_logps)
-    counts = torch.bincount(seq, minlength=n).to(torch.float32)
+        logits = logits.flatten(0, 1).index_select(0, targets.index)
+    token_logps = -F.cross_entropy(logits.float(), targets.tokens, reduction="none")
+    seq = batch.seq_ids.flatten().index_select(0, targets.index)
+    sums = token_logps.new_zeros(targets.n_seqs).index_add(0, seq, token_logps)
+    counts = token_logps.new_zeros(targets.n_seqs).index_add(0, seq, torch.ones_like(token_logps))
     return sums, counts
 
 

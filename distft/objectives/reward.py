@@ -79,7 +79,10 @@ def last_positions(batch: Batch, pad_id: int) -> torch.Tensor:
     flat = torch.arange(seq.numel(), device=seq.device)
     real = (seq >= 0) & (batch.input_ids.reshape(-1) != pad_id)
     last = torch.full((batch.n_seqs,), -1, dtype=torch.long, device=seq.device)
-    return last.scatter_reduce(0, seq[real], flat[real], "amax")
+    # every position takes part (a pad or filler position offers -1, the start value): no
+    # boolean selection, whose size a GPU would have to report to the host
+    offered = torch.where(real, flat, torch.full_like(flat, -1))
+    return last.scatter_reduce(0, seq.clamp(min=0), offered, "amax")
 
 
 def sequence_rewards(model: Any, batch: Batch, pad_id: int) -> torch.Tensor:
@@ -113,8 +116,12 @@ class Reward:
         rewards = sequence_rewards(model, batch, self.pad_id).view(-1, 2)
         seq = batch.seq_ids
         assert seq is not None  # sequence_rewards checked
-        trained = seq[batch.labels != IGNORE]  # a pair counts when both sides have a response
-        counts = torch.bincount(trained, minlength=batch.n_seqs).view(-1, 2)
+        # a pair counts when both sides have a response (a trained label)
+        trained = ((batch.labels != IGNORE) & (seq >= 0)).reshape(-1).long()
+        counts = trained.new_zeros(batch.n_seqs).scatter_add(
+            0, seq.reshape(-1).clamp(min=0), trained
+        )
+        counts = counts.view(-1, 2)
         valid = (counts > 0).all(dim=1)
         chosen, rejected = rewards[:, 0], rewards[:, 1]
         losses = bradley_terry(chosen, rejected, self.cfg.center_coefficient)

@@ -12,39 +12,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distft.data import IGNORE, Batch
+from distft.data import Batch
 from distft.objectives.base import Loss
 from distft.objectives.chunked_ce import chunked_nll_sum
 from distft.objectives.head import head_computes, head_plan, output_head, rows_of
 
 
-def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """The token each position predicts (IGNORE where none is trained)."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-
-
 def nll_sum(model: Any, batch: Batch, chunk: int | None = None) -> torch.Tensor:
     """Summed NLL of the batch's target tokens (a scalar that back-propagates). `chunk`:
     target rows per chunk of the head + cross-entropy (None/0: the whole head at once)."""
-    targets = shifted_targets(batch.labels) if batch.shift_labels is None else batch.shift_labels
-    keep = targets != IGNORE
+    targets = batch.targets  # found on the host: no device sync to select the rows
     head = output_head(model)
     plan = head_plan(model, head, batch) if chunk and head is not None else None
     if plan is not None and chunk:
-        rows, size, epilogue, linear = targets[keep], chunk, plan.epilogue, plan.linear
+        rows, size, epilogue, linear = targets.tokens, chunk, plan.epilogue, plan.linear
 
         def loss(hidden: torch.Tensor) -> torch.Tensor:
             return chunked_nll_sum(hidden, linear.weight, linear.bias, rows, size, epilogue)
 
-        with rows_of(head, keep), head_computes(plan, loss):
+        with rows_of(head, targets), head_computes(plan, loss):
             out: torch.Tensor = model(**batch.model_inputs()).logits  # the loss
         return out
-    with rows_of(head, keep) as selected:
+    with rows_of(head, targets) as selected:
         logits = model(**batch.model_inputs()).logits  # ids, mask, position ids (packed)
     if not selected:  # no head to hook: every position's logits came back
-        logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        logits = logits.flatten(0, 1).index_select(0, targets.index)
+    return F.cross_entropy(logits.float(), targets.tokens, reduction="sum")
 
 
 class Sft:
