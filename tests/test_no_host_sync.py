@@ -171,13 +171,12 @@ def test_on_a_gpu_nothing_waits_for_the_device(method: str) -> None:
             model, objective = tiny_model(0), Preference(objective_config("dpo"))
         else:
             model, objective = reward_model(0), Reward(RewardConfig(), PAD)
-    model = model.to(cuda)
-    on_gpu = batch.pin_memory().to(cuda, non_blocking=True)  # as the prefetcher moves it
-    objective(model, on_gpu).total.backward()  # the first call decides once (the probe)
+    model, pinned = model.to(cuda), batch.pin_memory()  # pinned by the prefetch thread
+    objective(model, pinned.to(cuda)).total.backward()  # the first call decides (the probe)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        on_gpu = batch.pin_memory().to(cuda, non_blocking=True)
+        on_gpu = pinned.to(cuda, non_blocking=True)  # as the loop moves a micro-batch
         objective(model, on_gpu).total.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
