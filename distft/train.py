@@ -46,7 +46,7 @@ from distft.config import Config
 from distft.console_lines import progress_line
 from distft.data import Batch, TrainBatches
 from distft.data.loader import StepTotals
-from distft.data.prefetch import Prefetcher
+from distft.data.prefetch import Prefetcher, to_device
 from distft.dist import DistContext, PendingSum
 from distft.flops import Throughput
 from distft.metrics import MetricsLogger
@@ -58,20 +58,26 @@ def evaluate(
     engine: Any, batches: list[Batch], dist: DistContext, objective: Objective
 ) -> dict[str, float]:
     """The mean loss over the whole eval split (all ranks), per target token (SFT) or per
-    pair, and the objective's metrics over the same units."""
+    pair, and the objective's metrics over the same units. The sums stay on the device
+    until the end (one read, with the all-reduce), and each batch is copied there
+    non-blocking (`to_device`): on a GPU no batch waits for the one before."""
     was_training = engine.module.training
     engine.module.eval()
-    total, units = 0.0, 0.0
-    sums = dict.fromkeys(objective.metrics, 0.0)
+    sums = torch.zeros(2 + len(objective.metrics), dtype=torch.float64, device=dist.device)
+    counted = 0  # units counted on the host (SFT's target tokens)
     for b in batches:
-        out = objective(engine, b.to(dist.device))
-        total, units = total + out.total.item(), units + float(out.units)
-        for k, v in out.sums.items():
-            sums[k] += v.item()
+        out = objective(engine, to_device(b, dist.device))
+        if isinstance(out.units, torch.Tensor):
+            units = out.units
+        else:
+            units, counted = sums.new_zeros(()), counted + out.units
+        parts = [out.total.detach(), units, *(out.sums[k] for k in objective.metrics)]
+        sums += torch.stack([t.to(torch.float64) for t in parts])
     engine.module.train(was_training)
-    total, units, *values = dist.sum([total, units, *sums.values()])
-    return {"loss": total / max(units, 1.0)} | {
-        k: v / max(units, 1.0) for k, v in zip(sums, values, strict=True)
+    sums[1] += counted
+    loss, n, *values = dist.sum_later(sums, sums.new_zeros(0)).result()[0]
+    return {"loss": loss / max(n, 1.0)} | {
+        k: v / max(n, 1.0) for k, v in zip(objective.metrics, values, strict=True)
     }
 
 

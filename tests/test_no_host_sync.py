@@ -26,10 +26,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distft.config import RewardConfig
 from distft.data import IGNORE, Batch, collate
 from distft.data.loader import collate_units
+from distft.dist import DistContext
 from distft.objectives.preference import Preference
 from distft.objectives.reward import Reward
 from distft.objectives.sft import Sft
 from distft.seqpar import shard
+from distft.train import evaluate
 from tests.test_preference import VOCAB, make_pairs, objective_config, pair_split, tiny_model
 from tests.test_reward import PAD, reward_model
 
@@ -153,6 +155,43 @@ def test_targets_are_found_on_the_host_and_travel_with_the_batch() -> None:
     # moved, not found again (finding them is a `nonzero`)
     assert host_reads(lambda: b.to(torch.device("cpu"))) == []
     assert torch.equal(b.to(torch.device("cpu")).targets.index, targets.index)
+
+
+class Engine:
+    """What `evaluate` asks of a DeepSpeed engine: its module, and a forward."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.module(**inputs)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_evaluation_reads_once_at_the_end(method: str) -> None:
+    """An eval pass keeps its sums on the device: the only read is the result's."""
+    if method == "sft":
+        model, objective = tiny_model(0), Sft(None)
+        batches = [sft_batch(False), sft_batch(True)]
+    else:
+        model, objective = tiny_model(0), Preference(objective_config("dpo"))
+        split = pair_split(make_pairs(4, seed=2))
+        batches = [
+            replace(b, ref_logps=torch.zeros(b.n_seqs))
+            for b in (
+                collate_units(split, [np.array([k]) for k in ks], 0, "sdpa", False)
+                for ks in ([0, 1], [2, 3])
+            )
+        ]
+    dist = DistContext(0, 1, 0, torch.device("cpu"))
+    got: list[dict[str, float]] = []
+    assert host_reads(lambda: got.append(evaluate(Engine(model), batches, dist, objective))) == []
+    outs = [objective(model, b) for b in batches]
+    units = sum(float(o.units) for o in outs)
+    # the same float32 values summed in float64 in the same order: equal, not close
+    assert got[0]["loss"] == sum(o.total.item() for o in outs) / units
+    for k in objective.metrics:
+        assert got[0][k] == sum(o.sums[k].item() for o in outs) / units
 
 
 @pytest.mark.gpu

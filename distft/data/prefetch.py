@@ -23,6 +23,14 @@ import torch
 from distft.data.loader import Batch
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A host batch on `device` without making the host wait on a GPU: copied into pinned
+    memory here, then to the device non-blocking (eval batches, kept on the host)."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 class StepSource(Protocol):
     total_steps: int
 
