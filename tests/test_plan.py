@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from distft.archs import FAMILIES
 from distft.assets import TinyAssets
 from distft.cli import app
+from distft.data.batch import Targets
 from distft.objectives import output_head, rows_of
 from distft.plan.activations import activations, materialised_mask
 from distft.plan.shape import dims_of
@@ -121,11 +122,11 @@ def saved_bytes(family: str, seq: int, attention: str, checkpointing: bool) -> i
         return t
 
     ids = torch.randint(0, 518, (1, seq))
-    keep = torch.ones(1, seq, dtype=torch.bool)
+    every = Targets((1, seq), torch.arange(seq), ids.view(-1), 0)  # every position a target
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with rows_of(output_head(model), keep):
+        with rows_of(output_head(model), every):
             logits = model(input_ids=ids).logits
-        F.cross_entropy(logits.float(), ids[keep], reduction="sum")
+        F.cross_entropy(logits.float(), every.tokens, reduction="sum")
     return sum(seen.values())
 
 
