@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distft.config import RewardConfig
 from distft.data import IGNORE, Batch, collate
+from distft.data.batch import collate_rows
 from distft.data.loader import collate_units
 from distft.dist import DistContext
 from distft.objectives.preference import Preference
@@ -85,8 +86,6 @@ def sft_batch(packed: bool) -> Batch:
         rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
     if not packed:
         return collate(rows, pad_id=0)
-    from distft.data.batch import collate_rows
-
     samples = [(np.asarray(r["input_ids"]), np.asarray(r["labels"])) for r in rows]
     return collate_rows([samples[:2], samples[2:]], pad_id=0, attn="sdpa")
 

@@ -24,8 +24,8 @@ from distft.data.loader import Batch
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    """A host batch on `device` without making the host wait on a GPU: copied into pinned
-    memory here, then to the device non-blocking (eval batches, kept on the host)."""
+    """A host batch on `device` without making the host wait on a GPU: in pinned memory
+    (copied there unless it is already), then to the device non-blocking."""
     if device.type == "cuda":
         return batch.pin_memory().to(device, non_blocking=True)
     return batch.to(device)
@@ -59,8 +59,9 @@ class Prefetcher:
         return current.result()
 
     def to_device(self, batch: Batch) -> Batch:
-        """One micro-batch on the loop's device, just before its forward."""
-        return batch.to(self._device, non_blocking=self._device.type == "cuda")
+        """One micro-batch on the loop's device, just before its forward (already pinned
+        on CUDA: `pin_memory` returns it as it is)."""
+        return to_device(batch, self._device)
 
     def _prepare(self, step: int) -> list[Batch]:
         batches = self._data.for_step(step)

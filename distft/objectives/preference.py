@@ -49,10 +49,15 @@ def sequence_logps(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     if not selected:  # no head to hook: every position's logits came back
         logits = logits.flatten(0, 1).index_select(0, targets.index)
     token_logps = -F.cross_entropy(logits.float(), targets.tokens, reduction="none")
-    seq = batch.seq_ids.flatten().index_select(0, targets.index)
-    sums = token_logps.new_zeros(targets.n_seqs).index_add(0, seq, token_logps)
-    counts = token_logps.new_zeros(targets.n_seqs).index_add(0, seq, torch.ones_like(token_logps))
-    return sums, counts
+    return per_sequence(batch, token_logps), per_sequence(batch, torch.ones_like(token_logps))
+
+
+def per_sequence(batch: Batch, values: torch.Tensor) -> torch.Tensor:
+    """`values`, one per target position (`batch.targets` order), summed per sequence
+    (`seq_ids` order; `index_add`, not a count the host would have to read)."""
+    assert batch.seq_ids is not None  # a batch of pairs
+    seq = batch.seq_ids.flatten().index_select(0, batch.targets.index)
+    return values.new_zeros(batch.n_seqs).index_add(0, seq, values)
 
 
 def as_pairs(sums: torch.Tensor, counts: torch.Tensor) -> PairLogps:

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from distft.config.objective import RewardConfig
-from distft.data import IGNORE, Batch
+from distft.data import Batch
 from distft.objectives.base import Loss
+from distft.objectives.preference import per_sequence
 
 METRICS: tuple[str, ...] = (
     "rewards/chosen",
@@ -114,14 +115,10 @@ class Reward:
 
     def __call__(self, model: Any, batch: Batch) -> Loss:
         rewards = sequence_rewards(model, batch, self.pad_id).view(-1, 2)
-        seq = batch.seq_ids
-        assert seq is not None  # sequence_rewards checked
-        # a pair counts when both sides have a response (a trained label)
-        trained = ((batch.labels != IGNORE) & (seq >= 0)).reshape(-1).long()
-        counts = trained.new_zeros(batch.n_seqs).scatter_add(
-            0, seq.reshape(-1).clamp(min=0), trained
-        )
-        counts = counts.view(-1, 2)
+        # a pair counts when both sides have a response: a trained label, so a target
+        # position (a sample's first label is never trained: its targets are its own)
+        ones = torch.ones(batch.n_targets, device=rewards.device)
+        counts = per_sequence(batch, ones).view(-1, 2)
         valid = (counts > 0).all(dim=1)
         chosen, rejected = rewards[:, 0], rewards[:, 1]
         losses = bradley_terry(chosen, rejected, self.cfg.center_coefficient)
